@@ -1,0 +1,32 @@
+# `make test` and `make bench` go from a fresh clone to results: they create .venv, install the
+# pinned dependencies, build sparse_attn._C (incrementally, with ninja) and run.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP_DEPS    := $(VENV)/.deps-installed
+STAMP_EDITABLE := $(VENV)/.editable-installed
+
+.PHONY: test bench build clean
+
+test: build
+	$(PY) -m pytest tests -q
+
+bench: build
+	$(PY) -m benchmarks
+
+build: $(STAMP_EDITABLE)
+	$(PY) setup.py -q build_ext --inplace
+
+$(STAMP_DEPS): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+# The editable install only registers the package paths (kernels/ -> sparse_attn.kernels,
+# models/ -> sparse_attn.models); the extension itself is built in place by `build`.
+$(STAMP_EDITABLE): $(STAMP_DEPS) setup.py pyproject.toml
+	SPARSE_ATTN_SKIP_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+clean:
+	rm -rf build sparse_attn/_C*.so *.egg-info

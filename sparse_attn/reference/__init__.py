@@ -1,0 +1,4 @@
+"""Pure-PyTorch references of every op: the ground truth of the tests and the fallback backend."""
+from .sparse_channel_attention import drsformer_formula, sparse_channel_attention
+
+__all__ = ["sparse_channel_attention", "drsformer_formula"]
