@@ -1,5 +1,8 @@
 """Drop-in nn.Modules with the parameter names of the official networks."""
 from .attention import ChannelAttention, TopKChannelAttention, drsformer_topk
 from .feedforward import MixedScaleFFN
+from .gated_dconv_ffn import GatedDconvFFN
+from .norm import LayerNorm2d
 
-__all__ = ["TopKChannelAttention", "ChannelAttention", "drsformer_topk", "MixedScaleFFN"]
+__all__ = ["TopKChannelAttention", "ChannelAttention", "drsformer_topk", "MixedScaleFFN",
+           "GatedDconvFFN", "LayerNorm2d"]
