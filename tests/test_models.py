@@ -201,7 +201,8 @@ def test_compile_fullgraph(name):
     x = torch.randn(1, 3, 13, 19)
     with sparse_attn.use_backend("native" if "native" in BACKENDS else "reference"):
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+        with torch.no_grad():  # an inference graph: tracing the joint backward graph too doubles the time
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
