@@ -31,6 +31,7 @@ class DSGformer(RestorationUNet):
     keep_fraction: (a, b): each attention row keeps its top int(d * a / b) scores (2/3).
     gate: the feed-forward gate, "gelu" or "relu2".
     patch_size: the frequency filter's patch side (8).
+    recompute_spectrum: redo the filter's FFT in backward instead of saving the spectrum (True).
     backend: the attention op's backend ("auto" honours :func:`sparse_attn.use_backend`).
 
     ``forward`` takes images of any size (reflect-padded to a multiple of 8, cropped back).
@@ -38,11 +39,12 @@ class DSGformer(RestorationUNet):
 
     def __init__(self, inp_channels=3, out_channels=3, dim=48, num_blocks=(4, 6, 6, 8), num_refinement_blocks=4,
                  heads=(1, 2, 4, 8), ffn_expansion_factor=2.66, bias=False, LayerNorm_type="WithBias",  # noqa: N803
-                 keep_fraction=(2, 3), gate="gelu", patch_size=8, backend="auto"):
+                 keep_fraction=(2, 3), gate="gelu", patch_size=8, recompute_spectrum=True, backend="auto"):
         block = functools.partial(
             TransformerBlock, ffn_expansion_factor=ffn_expansion_factor, bias=bias, LayerNorm_type=LayerNorm_type,
             attention=functools.partial(DeepSparseAttention, keep_fraction=keep_fraction, backend=backend),
-            feedforward=functools.partial(FrequencyGatedFFN, gate=gate, patch_size=patch_size))
+            feedforward=functools.partial(FrequencyGatedFFN, gate=gate, patch_size=patch_size,
+                                          recompute_spectrum=recompute_spectrum))
         dim2 = int(dim * 2 ** 1)
         super().__init__(inp_channels, out_channels, dim, num_blocks, heads, bias, block,
                          refinement=lambda: nn.Sequential(*[block(dim2, heads[0]) for _ in range(num_refinement_blocks)]))

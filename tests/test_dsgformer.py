@@ -98,6 +98,52 @@ def test_frequency_filter_of_ones_is_the_identity():
         FrequencyGatedFFN(8, 2.66, bias=False, gate="relu")
 
 
+def _saved_bytes(fn):
+    """Bytes of the distinct storages autograd saves for backward while ``fn`` runs."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_recomputed_spectrum_gives_the_same_gradients_and_saves_less():
+    torch.manual_seed(0)
+    saving = FrequencyGatedFFN(8, 2.66, bias=True, recompute_spectrum=False).double()
+    recomputing = FrequencyGatedFFN(8, 2.66, bias=True, recompute_spectrum=True).double()
+    with torch.no_grad():
+        saving.fft.normal_()
+    recomputing.load_state_dict(saving.state_dict())
+    x = torch.randn(2, 8, 21, 16, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(2, 8, 21, 16, dtype=torch.float64)
+    results = []
+    for module in (saving, recomputing):
+        out = module(x)
+        results.append((out, *torch.autograd.grad(out, (x, *module.parameters()), grad_out)))
+    for expected, got in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+    # What is no longer kept is exactly the complex spectrum: B=2, 2h=42 channels, 3x2 patches
+    # of 8x5 complex128 bins (1.25x the 2h-channel map).
+    x = torch.randn(2, 8, 24, 16, dtype=torch.float64, requires_grad=True)
+    spectrum_bytes = 2 * 42 * (3 * 2) * (8 * 5) * 16
+    assert _saved_bytes(lambda: saving(x)) - _saved_bytes(lambda: recomputing(x)) == spectrum_bytes
+
+
+def test_frequency_gated_ffn_compiles_with_gradients():
+    module = FrequencyGatedFFN(8, 2.66, bias=False)
+    x = torch.randn(1, 8, 13, 19, requires_grad=True)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    torch.testing.assert_close(out, module(x), rtol=1e-5, atol=1e-5)
+    grad = torch.autograd.grad(out.square().sum(), x)[0]
+    torch.testing.assert_close(grad, torch.autograd.grad(module(x).square().sum(), x)[0], rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # The network
 # ---------------------------------------------------------------------------------------------
