@@ -208,13 +208,41 @@ def test_compile_fullgraph(name):
 # ---------------------------------------------------------------------------------------------
 # Training on every backend
 # ---------------------------------------------------------------------------------------------
-def _train(name, backend, steps=3):
-    """Losses and final gradients of a few Adam steps from a fixed initialisation (float64)."""
+def runs(backend, dtype):
+    """Whether the attention op runs ``backend`` in ``dtype`` here."""
+    try:
+        skip_unless_runs(backend, dtype)
+    except pytest.skip.Exception:
+        return False
+    return True
+
+
+def training_dtype(backend):
+    """float64 where the backend takes it (the Triton interpreter does not), else float32; with
+    the relative tolerance of losses and of gradients (against each gradient's largest entry)."""
+    if runs(backend, torch.float64):
+        return torch.float64, 1e-10, 1e-8
+    skip_unless_runs(backend, torch.float32)
+    return torch.float32, 1e-5, 1e-4
+
+
+def assert_training_agrees(losses, grads, ref_losses, ref_grads, loss_rtol, grad_rel):
+    assert ref_losses[-1] < ref_losses[0], "the steps must train (else the comparison says little)"
+    torch.testing.assert_close(losses, ref_losses, rtol=loss_rtol, atol=0)
+    for key, ref in ref_grads.items():
+        error = (grads[key] - ref).abs().max().item()
+        assert error <= grad_rel * ref.abs().max().item(), f"{key}: max abs error {error:.3g}"
+
+
+def _train(name, backend, dtype=torch.float64, steps=3):
+    """Losses and final gradients of a few Adam steps from a fixed initialisation."""
     torch.manual_seed(0)
-    model = MODELS[name]().double()
-    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
-    target = torch.rand(2, 3, 16, 16, dtype=torch.float64)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model = MODELS[name]().to(dtype)
+    x = torch.rand(2, 3, 16, 16, dtype=dtype)
+    target = torch.rand(2, 3, 16, 16, dtype=dtype)
+    # Plain SGD: Adam divides by the root of tiny second moments and turns round-off into
+    # lr-sized differences, which would compare the optimiser rather than the backends.
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     losses = []
     with sparse_attn.use_backend(backend):
         for _ in range(steps):
@@ -226,17 +254,18 @@ def _train(name, backend, steps=3):
     return losses, {k: p.grad.clone() for k, p in model.named_parameters()}
 
 
+# Under the Triton interpreter a model's three steps take ~40 s: train there only the DRSformer
+# with MEFC (the four top-k branches; its attention and FFN are those of the variant without
+# MEFC, and Restormer's dense branch is covered by the fixture parity).
+TRAINING_CASES = [(name, backend) for name in MODELS for backend in BACKENDS
+                  if backend != "reference" and (backend != "triton" or name == "drsformer")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name, backend", TRAINING_CASES)
 def test_training_steps_agree_with_reference(name, backend):
-    skip_unless_runs(backend, torch.float64)
-    ref_losses, ref_grads = _train(name, "reference")
-    losses, grads = _train(name, backend)
-    assert ref_losses[-1] < ref_losses[0], "the steps must train (else the comparison says little)"
-    torch.testing.assert_close(losses, ref_losses, rtol=1e-10, atol=0)
-    for key, grad in grads.items():
-        torch.testing.assert_close(grad, ref_grads[key], rtol=1e-7, atol=1e-10, msg=key)
+    dtype, loss_rtol, grad_rel = training_dtype(backend)
+    assert_training_agrees(*_train(name, backend, dtype), *_train(name, "reference", dtype), loss_rtol, grad_rel)
 
 
 # ---------------------------------------------------------------------------------------------
