@@ -10,7 +10,7 @@ import sparse_attn
 from sparse_attn.models import DSGformer, Restormer
 from sparse_attn.nn import DeepSparseAttention, FrequencyGatedFFN
 
-from test_models import BACKENDS, assert_training_agrees, skip_unless_runs, training_dtype
+from model_cases import BACKENDS, assert_training_agrees, skip_unless_runs, train_steps, training_dtype
 
 SMALL = dict(dim=8, num_blocks=(1, 1, 1, 1), num_refinement_blocks=1, heads=(1, 2, 4, 8))
 small_model = functools.partial(DSGformer, **SMALL)
@@ -187,30 +187,12 @@ def test_backend_outputs_agree_with_reference(backend):
     torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
 
 
-def _train(backend, dtype, steps=3):
-    torch.manual_seed(0)
-    model = small_model().to(dtype)
-    x = torch.rand(2, 3, 16, 16, dtype=dtype)
-    target = torch.rand(2, 3, 16, 16, dtype=dtype)
-    # Plain SGD: Adam divides by the root of tiny second moments and turns round-off into
-    # lr-sized differences, which would compare the optimiser rather than the backends.
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    losses = []
-    with sparse_attn.use_backend(backend):
-        for _ in range(steps):
-            optimizer.zero_grad()
-            loss = F.l1_loss(model(x), target)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-    return losses, {k: p.grad.clone() for k, p in model.named_parameters()}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 def test_training_steps_agree_with_reference(backend):
     dtype, loss_rtol, grad_rel = training_dtype(backend)
-    assert_training_agrees(*_train(backend, dtype), *_train("reference", dtype), loss_rtol, grad_rel)
+    assert_training_agrees(*train_steps(small_model, backend, dtype), *train_steps(small_model, "reference", dtype),
+                           loss_rtol, grad_rel)
 
 
 @pytest.mark.slow
