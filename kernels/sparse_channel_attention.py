@@ -70,7 +70,8 @@ def _branch(branch_ptr, weights_ptr, n_branches, r, rank, exp_shifted, relu_sq, 
     weight = tl.load(weights_ptr + r).to(tl.float32)
     kept = (rank < topk) & tile_ok
     kept_exp = tl.where(kept, exp_shifted, 0.0)
-    normalizer = tl.sum(kept_exp, axis=1)
+    # >= 1 on real rows (the row maximum is kept, exp(0) = 1); the clamp keeps padded rows finite.
+    normalizer = tl.maximum(tl.sum(kept_exp, axis=1), 1.0)
     softmax = kept_exp / normalizer[:, None]
     phi = tl.where(activation == 0, softmax, tl.where(kept, relu_sq, 0.0))
     return weight, kept, phi, activation

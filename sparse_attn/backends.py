@@ -52,7 +52,8 @@ def why_unavailable(name, device_type, dtype=None, op=None, dtypes=None, triton_
 
     op: the schema name of the op's native kernel (checked when ``name`` is "native").
     dtypes: {backend: {device_type: dtypes it supports}} for the op; missing means any.
-    triton_ready: False where the op has no Triton kernels yet.
+    triton_ready: True, False where the op has no Triton kernels yet, or a sentence saying why
+        its Triton kernels cannot take these inputs (e.g. a shape limit).
     """
     if name not in BACKENDS:
         raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {name!r}")
@@ -65,8 +66,8 @@ def why_unavailable(name, device_type, dtype=None, op=None, dtypes=None, triton_
     if name == "triton":
         if _TRITON_IMPORT_ERROR is not None:
             return _TRITON_IMPORT_ERROR
-        if not triton_ready:
-            return "this op has no Triton kernels"
+        if triton_ready is not True:
+            return triton_ready or "this op has no Triton kernels"
         if device_type == "cpu" and not _TRITON_INTERPRET:
             return ("Triton runs on CUDA tensors, and on CPU tensors only in its interpreter: "
                     "set TRITON_INTERPRET=1 before importing sparse_attn")
