@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-NORM_EPS = 1e-12  # F.normalize's default
+NORM_EPS = tl.constexpr(1e-12)  # F.normalize's default (constexpr: kernels read it)
 MAX_D = 128
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TRITON_TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -180,20 +180,27 @@ def attention_matrix_forward_kernel(gram_partial_ptr, sq_partial_ptr, temperatur
 
 @triton.jit
 def attention_output_kernel(p_ptr, v_ptr, out_ptr, heads, d, n, v_stride_b, v_stride_h, v_stride_d,
-                            D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Program (bh, column block): out[:, cols] = P v[:, cols] (out contiguous)."""
+                            D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, K_CHUNK: tl.constexpr,
+                            DOT_PRECISION: tl.constexpr):
+    """Program (bh, column block): out[:, cols] = P v[:, cols] (out contiguous), the product
+    taken K_CHUNK channels of v at a time (bounded shared memory and unrolled code at d = 128)."""
     bh = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, D_PAD)
     rows_ok = rows < d
-    mask = rows_ok[:, None] & (cols[None, :] < n)
-    v = tl.load(_row_pointers(v_ptr, bh, heads, v_stride_b, v_stride_h, v_stride_d, rows) + cols[None, :],
-                mask=mask, other=0.0)
-    p = tl.load(p_ptr + (bh * d + rows[:, None]).to(tl.int64) * d + rows[None, :],
-                mask=rows_ok[:, None] & rows_ok[None, :], other=0.0)
-    out = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    cols_ok = cols < n
+    square = (bh * d).to(tl.int64) * d
+    out = tl.zeros((D_PAD, BLOCK_N), tl.float32)
+    for c0 in range(0, d, K_CHUNK):  # chunks past d would be all padding
+        chunk = c0 + tl.arange(0, K_CHUNK)
+        chunk_ok = chunk < d
+        v = tl.load(_row_pointers(v_ptr, bh, heads, v_stride_b, v_stride_h, v_stride_d, chunk) + cols[None, :],
+                    mask=chunk_ok[:, None] & cols_ok[None, :], other=0.0)
+        p = tl.load(p_ptr + square + rows[:, None] * d + chunk[None, :],
+                    mask=rows_ok[:, None] & chunk_ok[None, :], other=0.0)
+        out = tl.dot(p.to(v.dtype), v, out, input_precision=DOT_PRECISION)
     out_rows = out_ptr + (bh * d + rows[:, None]).to(tl.int64) * n
-    tl.store(out_rows + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_rows + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=rows_ok[:, None] & cols_ok[None, :])
 
 
 @triton.jit
@@ -250,49 +257,62 @@ def attention_input_grads_kernel(q_ptr, k_ptr, dout_ptr, m_ptr, p_ptr, a_q_ptr, 
                                  heads, d, n, row_blocks,
                                  q_stride_b, q_stride_h, q_stride_d, k_stride_b, k_stride_h, k_stride_d,
                                  g_stride_b, g_stride_h, g_stride_d,
-                                 D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                                 D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, K_CHUNK: tl.constexpr,
+                                 DOT_PRECISION: tl.constexpr):
     """Program (bh, column block):
         dq = (M k̂)/‖q‖ − a_q⊙q,   dk = (Mᵀ q̂)/‖k‖ − b⊙k,   dv = Pᵀ dout
-    with b_j = Σ_i dS_ij S_ij / ‖k_j‖² summed from the row-block partials in order."""
+    with b_j = Σ_i dS_ij S_ij / ‖k_j‖² summed from the row-block partials in order. The three
+    products are taken K_CHUNK channels at a time; Mᵀ and Pᵀ are read transposed from memory."""
     bh = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, D_PAD)
     rows_ok = rows < d
-    mask = rows_ok[:, None] & (cols[None, :] < n)
-    square_ok = rows_ok[:, None] & rows_ok[None, :]
+    cols_ok = cols < n
+    square = (bh * d).to(tl.int64) * d
+    acc_q = tl.zeros((D_PAD, BLOCK_N), tl.float32)
+    acc_k = tl.zeros((D_PAD, BLOCK_N), tl.float32)
+    acc_v = tl.zeros((D_PAD, BLOCK_N), tl.float32)
+    for c0 in range(0, d, K_CHUNK):  # chunks past d would be all padding
+        chunk = c0 + tl.arange(0, K_CHUNK)
+        chunk_ok = chunk < d
+        tile_ok = chunk_ok[:, None] & cols_ok[None, :]
+        q = tl.load(_row_pointers(q_ptr, bh, heads, q_stride_b, q_stride_h, q_stride_d, chunk) + cols[None, :],
+                    mask=tile_ok, other=0.0)
+        k = tl.load(_row_pointers(k_ptr, bh, heads, k_stride_b, k_stride_h, k_stride_d, chunk) + cols[None, :],
+                    mask=tile_ok, other=0.0)
+        dout = tl.load(_row_pointers(dout_ptr, bh, heads, g_stride_b, g_stride_h, g_stride_d, chunk) + cols[None, :],
+                       mask=tile_ok, other=0.0)
+        q_scale = 1.0 / tl.maximum(tl.load(q_norm_ptr + bh * d + chunk, mask=chunk_ok, other=1.0), NORM_EPS)
+        k_scale = 1.0 / tl.maximum(tl.load(k_norm_ptr + bh * d + chunk, mask=chunk_ok, other=1.0), NORM_EPS)
+        k_hat = (k.to(tl.float32) * k_scale[:, None]).to(q.dtype)
+        q_hat = (q.to(tl.float32) * q_scale[:, None]).to(q.dtype)
+        square_ok = rows_ok[:, None] & chunk_ok[None, :]
+        m = tl.load(m_ptr + square + rows[:, None] * d + chunk[None, :], mask=square_ok, other=0.0)
+        acc_q = tl.dot(m.to(q.dtype), k_hat, acc_q, input_precision=DOT_PRECISION)
+        m_t = tl.load(m_ptr + square + chunk[None, :] * d + rows[:, None], mask=square_ok, other=0.0)
+        acc_k = tl.dot(m_t.to(q.dtype), q_hat, acc_k, input_precision=DOT_PRECISION)
+        p_t = tl.load(p_ptr + square + chunk[None, :] * d + rows[:, None], mask=square_ok, other=0.0)
+        acc_v = tl.dot(p_t.to(dout.dtype), dout, acc_v, input_precision=DOT_PRECISION)
+
+    mask = rows_ok[:, None] & cols_ok[None, :]
     q = tl.load(_row_pointers(q_ptr, bh, heads, q_stride_b, q_stride_h, q_stride_d, rows) + cols[None, :],
-                mask=mask, other=0.0)
+                mask=mask, other=0.0).to(tl.float32)
     k = tl.load(_row_pointers(k_ptr, bh, heads, k_stride_b, k_stride_h, k_stride_d, rows) + cols[None, :],
-                mask=mask, other=0.0)
-    dout = tl.load(_row_pointers(dout_ptr, bh, heads, g_stride_b, g_stride_h, g_stride_d, rows) + cols[None, :],
-                   mask=mask, other=0.0)
+                mask=mask, other=0.0).to(tl.float32)
     q_norm = tl.load(q_norm_ptr + bh * d + rows, mask=rows_ok, other=1.0)
     k_norm = tl.load(k_norm_ptr + bh * d + rows, mask=rows_ok, other=1.0)
-    q_scale = 1.0 / tl.maximum(q_norm, NORM_EPS)
-    k_scale = 1.0 / tl.maximum(k_norm, NORM_EPS)
     a_q = tl.load(a_q_ptr + bh * d + rows, mask=rows_ok, other=0.0)
     colsum = tl.zeros((D_PAD,), tl.float32)
     for row_block in range(0, row_blocks):
         colsum += tl.load(colsum_partial_ptr + (bh * row_blocks + row_block).to(tl.int64) * d + rows,
                           mask=rows_ok, other=0.0)
     b_k = colsum * _projection_scale(k_norm, NORM_EPS)
-
-    square = (bh * d).to(tl.int64) * d
-    # M and P are read transposed straight from memory for dk and dv (d x d, cached).
-    m = tl.load(m_ptr + square + rows[:, None] * d + rows[None, :], mask=square_ok, other=0.0)
-    m_t = tl.load(m_ptr + square + rows[None, :] * d + rows[:, None], mask=square_ok, other=0.0)
-    p_t = tl.load(p_ptr + square + rows[None, :] * d + rows[:, None], mask=square_ok, other=0.0)
-    q32 = q.to(tl.float32)
-    k32 = k.to(tl.float32)
-    k_hat = (k32 * k_scale[:, None]).to(q.dtype)
-    q_hat = (q32 * q_scale[:, None]).to(q.dtype)
-    dq = tl.dot(m.to(q.dtype), k_hat, input_precision=DOT_PRECISION) * q_scale[:, None] - a_q[:, None] * q32
-    dk = tl.dot(m_t.to(q.dtype), q_hat, input_precision=DOT_PRECISION) * k_scale[:, None] - b_k[:, None] * k32
-    dv = tl.dot(p_t.to(dout.dtype), dout, input_precision=DOT_PRECISION)
+    dq = acc_q / tl.maximum(q_norm, NORM_EPS)[:, None] - a_q[:, None] * q
+    dk = acc_k / tl.maximum(k_norm, NORM_EPS)[:, None] - b_k[:, None] * k
     out_offsets = (bh * d + rows[:, None]).to(tl.int64) * n + cols[None, :]
     tl.store(dq_ptr + out_offsets, dq.to(dq_ptr.dtype.element_ty), mask=mask)
     tl.store(dk_ptr + out_offsets, dk.to(dk_ptr.dtype.element_ty), mask=mask)
-    tl.store(dv_ptr + out_offsets, dv.to(dv_ptr.dtype.element_ty), mask=mask)
+    tl.store(dv_ptr + out_offsets, acc_v.to(dv_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,10 +326,9 @@ def padded_d(d):
 
 
 def _stream_config(d_pad, dtype):
-    """BLOCK_N and warps of the streaming passes. fp32 (ieee FMA products) and d = 128 keep
-    the tiles small enough for registers and shared memory."""
-    wide = d_pad >= 128 or dtype == torch.float32
-    return {"BLOCK_N": 32 if wide else 64, "num_warps": 8 if d_pad >= 64 else 4}
+    """Block sizes and warps of the streaming passes: at d = 128 the backward's three fp32
+    accumulators of (d, BLOCK_N) must stay in registers."""
+    return {"BLOCK_N": 32 if d_pad >= 128 else 64, "K_CHUNK": min(d_pad, 32), "num_warps": 8 if d_pad >= 64 else 4}
 
 
 def _gram_config(d_pad, dtype):
@@ -355,7 +374,8 @@ def launch_configurations():
                                 _signature(gram_and_norms_kernel, cx, {"x_ptr": t, "y_ptr": t}),
                                 cx, {"num_warps": cfg["num_warps"]}))
             cfg = _stream_config(d_pad, dtype)
-            cx = {"D_PAD": d_pad, "BLOCK_N": cfg["BLOCK_N"], "DOT_PRECISION": _dot_precision(dtype)}
+            cx = {"D_PAD": d_pad, "BLOCK_N": cfg["BLOCK_N"], "K_CHUNK": cfg["K_CHUNK"],
+                  "DOT_PRECISION": _dot_precision(dtype)}
             configs.append((attention_output_kernel,
                             _signature(attention_output_kernel, cx, {"v_ptr": t, "out_ptr": t}),
                             cx, {"num_warps": cfg["num_warps"]}))
@@ -363,16 +383,11 @@ def launch_configurations():
                             _signature(attention_input_grads_kernel, cx,
                                        {name: t for name in ("q_ptr", "k_ptr", "dout_ptr", "dq_ptr", "dk_ptr", "dv_ptr")}),
                             cx, {"num_warps": cfg["num_warps"]}))
-            cfg = _matrix_config(d_pad)
-            cx = {"D_PAD": d_pad, "BLOCK_ROWS": cfg["BLOCK_ROWS"]}
-            ints = {"branch_ptr": "i32"}
-            typed = {"temperature_ptr": t, "weights_ptr": t}
-            configs.append((attention_matrix_forward_kernel,
-                            _signature(attention_matrix_forward_kernel, cx, {**ints, **typed}),
-                            cx, {"num_warps": cfg["num_warps"]}))
-            configs.append((attention_matrix_backward_kernel,
-                            _signature(attention_matrix_backward_kernel, cx, {**ints, **typed}),
-                            cx, {"num_warps": cfg["num_warps"]}))
+    for d_pad in _PAD_SIZES:  # the d x d stage works in fp32 whatever the inputs' dtype
+        cfg = _matrix_config(d_pad)
+        cx = {"D_PAD": d_pad, "BLOCK_ROWS": cfg["BLOCK_ROWS"]}
+        for kernel in (attention_matrix_forward_kernel, attention_matrix_backward_kernel):
+            configs.append((kernel, _signature(kernel, cx, {"branch_ptr": "i32"}), cx, {"num_warps": cfg["num_warps"]}))
     return configs
 
 
@@ -393,8 +408,11 @@ def _rows_contiguous(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _branch_table(topk, activation, device):
-    return torch.tensor(list(topk) + list(activation), dtype=torch.int32, device=device)
+def _branch_table(topk, activation, weights, temperature):
+    """The d x d stage's parameters: topk then activation codes (int32); weights and
+    temperature in fp32, so that one compiled kernel serves every input dtype."""
+    table = torch.tensor(list(topk) + list(activation), dtype=torch.int32, device=weights.device)
+    return table, weights.float().contiguous(), temperature.float().contiguous()
 
 
 def _split_gram(x, y, with_norms):
@@ -427,15 +445,15 @@ def forward(q, k, v, temperature, weights, topk, activation):
     k_norm = q.new_empty((batch, heads, d), dtype=torch.float32)
     p = q.new_empty((bh, d, d), dtype=torch.float32)
     matrix = _matrix_config(d_pad)
+    branch, weights32, temperature32 = _branch_table(topk, activation, weights, temperature)
     _launch(attention_matrix_forward_kernel, (bh, triton.cdiv(d, matrix["BLOCK_ROWS"])),
-            gram_partial, sq_partial, temperature, weights, _branch_table(topk, activation, q.device),
-            gram, q_norm, k_norm, p, heads, d, splits, len(topk),
+            gram_partial, sq_partial, temperature32, weights32, branch, gram, q_norm, k_norm, p, heads, d, splits, len(topk),
             D_PAD=d_pad, BLOCK_ROWS=matrix["BLOCK_ROWS"], num_warps=matrix["num_warps"])
     out = torch.empty((batch, heads, d, n), dtype=q.dtype, device=q.device)
     stream = _stream_config(d_pad, q.dtype)
     _launch(attention_output_kernel, (bh, triton.cdiv(n, stream["BLOCK_N"])), p, v, out, heads, d, n,
-            *v.stride()[:3], D_PAD=d_pad, BLOCK_N=stream["BLOCK_N"], DOT_PRECISION=_dot_precision(q.dtype),
-            num_warps=stream["num_warps"])
+            *v.stride()[:3], D_PAD=d_pad, BLOCK_N=stream["BLOCK_N"], K_CHUNK=stream["K_CHUNK"],
+            DOT_PRECISION=_dot_precision(q.dtype), num_warps=stream["num_warps"])
     return out, gram, q_norm, k_norm
 
 
@@ -457,8 +475,9 @@ def backward(grad_out, q, k, v, temperature, weights, gram, q_norm, k_norm, topk
     colsum_partial = q.new_empty((bh, row_blocks, d), dtype=torch.float32)
     dtau_partial = q.new_empty((batch, heads, row_blocks), dtype=torch.float32)
     dw_partial = q.new_empty((bh * row_blocks, n_branches), dtype=torch.float32)
+    branch, weights32, temperature32 = _branch_table(topk, activation, weights, temperature)
     _launch(attention_matrix_backward_kernel, (bh, row_blocks),
-            gram.contiguous(), dp_partial, temperature, weights, _branch_table(topk, activation, q.device),
+            gram.contiguous(), dp_partial, temperature32, weights32, branch,
             q_norm.contiguous(), p, m, a_q, colsum_partial, dtau_partial, dw_partial,
             heads, d, splits, n_branches,
             D_PAD=d_pad, BLOCK_ROWS=matrix["BLOCK_ROWS"], num_warps=matrix["num_warps"])
@@ -469,8 +488,8 @@ def backward(grad_out, q, k, v, temperature, weights, gram, q_norm, k_norm, topk
     _launch(attention_input_grads_kernel, (bh, triton.cdiv(n, stream["BLOCK_N"])),
             q, k, grad_out, m, p, a_q, colsum_partial, q_norm.contiguous(), k_norm.contiguous(), dq, dk, dv,
             heads, d, n, row_blocks, *q.stride()[:3], *k.stride()[:3], *grad_out.stride()[:3],
-            D_PAD=d_pad, BLOCK_N=stream["BLOCK_N"], DOT_PRECISION=_dot_precision(q.dtype),
-            num_warps=stream["num_warps"])
+            D_PAD=d_pad, BLOCK_N=stream["BLOCK_N"], K_CHUNK=stream["K_CHUNK"],
+            DOT_PRECISION=_dot_precision(q.dtype), num_warps=stream["num_warps"])
     # Fixed-shape sums over tiny tensors: deterministic.
     grad_temperature = dtau_partial.sum(dim=(0, 2)).to(temperature.dtype)
     grad_weights = dw_partial.sum(dim=0).to(weights.dtype)
