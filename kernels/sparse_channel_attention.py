@@ -11,7 +11,9 @@ Backward, three launches:
   attention_matrix_backward_kernel d x d stage: dS, M = τ dS, per-row-block partials of dτ, dw
                                    and of the column sums that the k correction needs
   attention_input_grads_kernel     streaming pass: dq = (M k̂)/‖q‖ − a⊙q, dk = (Mᵀ q̂)/‖k‖ − b⊙k,
-                                   dv = Pᵀ dout, all three from one read of q, k, dout
+                                   dv = Pᵀ dout, in one program per column block (products
+                                   taken over chunks of d; q and k are re-read, from cache,
+                                   for the corrections)
 
 Every reduction over N or over rows goes through partials summed in a fixed order, so two runs
 give the same bits. d up to 128 is padded to a power of two (at least 16, tl.dot's minimum)
