@@ -40,11 +40,22 @@ _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _forced_backend = "auto"
 
 
+def _native_kernels():
+    """{(op, device_type)} of the kernels sparse_attn._C registered, read once at import (a
+    plain set lookup later is what torch.compile can trace)."""
+    if _NATIVE_IMPORT_ERROR is not None:
+        return frozenset()
+    ops = [name for name in torch._C._dispatch_get_all_op_names() if name.startswith("sparse_attn::")]
+    return frozenset((name.split("::", 1)[1], device) for name in ops for device in ("cpu", "cuda")
+                     if torch._C._dispatch_has_kernel_for_dispatch_key(name, device.upper()))
+
+
+_NATIVE_KERNELS = _native_kernels()
+
+
 def native_has_kernel(op, device_type):
     """Whether sparse_attn._C registered a kernel of ``op`` for ``device_type`` ("cpu"/"cuda")."""
-    if _NATIVE_IMPORT_ERROR is not None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"sparse_attn::{op}", device_type.upper())
+    return (op, device_type) in _NATIVE_KERNELS
 
 
 def why_unavailable(name, device_type, dtype=None, op=None, dtypes=None, triton_ready=True):
