@@ -50,6 +50,37 @@ def _row_pointers(ptr, bh, heads, stride_b, stride_h, stride_d, rows):
 
 
 @triton.jit
+def _column_block(d, n, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
+    """The streaming passes' program (bh, column block): bh, its columns and all rows (with
+    masks), and the offset of bh's d x d matrices."""
+    bh = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, D_PAD)
+    return bh, cols, rows, rows < d, cols < n, (bh * d).to(tl.int64) * d
+
+
+@triton.jit
+def _row_block(row_block, d, BLOCK_ROWS: tl.constexpr, D_PAD: tl.constexpr):
+    """Row and column indices of a (BLOCK_ROWS, D_PAD) block of a d x d matrix, and its masks."""
+    rows = row_block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, D_PAD)
+    rows_ok = rows < d
+    cols_ok = cols < d
+    return rows, cols, rows_ok, cols_ok, rows_ok[:, None] & cols_ok[None, :]
+
+
+@triton.jit
+def _sum_of_split_partials(partial_ptr, bh, splits, d, rows, cols, tile_ok,
+                           BLOCK_ROWS: tl.constexpr, D_PAD: tl.constexpr):
+    """Rows `rows` of Σ_split partial[bh, split] (d x d each), added in split order."""
+    total = tl.zeros((BLOCK_ROWS, D_PAD), tl.float32)
+    for split in range(0, splits):
+        item = (bh * splits + split).to(tl.int64)
+        total += tl.load(partial_ptr + (item * d + rows[:, None]) * d + cols[None, :], mask=tile_ok, other=0.0)
+    return total
+
+
+@triton.jit
 def _scores_and_ranks(gram_rows_ptr, gram, tau, rows_ok, cols, d):
     """S = τ·gram of a block of rows, and rank[i, j] = #{l : S_il > S_ij} + #{l < j : S_il = S_ij}
     (the position a stable descending sort gives S_ij). Column l of S is re-read from the
@@ -148,17 +179,12 @@ def attention_matrix_forward_kernel(gram_partial_ptr, sq_partial_ptr, temperatur
     """Program (bh, row block): normalised gram, the norms and P = Σ_r w_r φ_r for its rows."""
     bh = tl.program_id(0)
     row_block = tl.program_id(1)
-    rows = row_block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    cols = tl.arange(0, D_PAD)
-    rows_ok = rows < d
-    cols_ok = cols < d
-    tile_ok = rows_ok[:, None] & cols_ok[None, :]
-    raw = tl.zeros((BLOCK_ROWS, D_PAD), tl.float32)
+    rows, cols, rows_ok, cols_ok, tile_ok = _row_block(row_block, d, BLOCK_ROWS, D_PAD)
+    raw = _sum_of_split_partials(gram_partial_ptr, bh, splits, d, rows, cols, tile_ok, BLOCK_ROWS, D_PAD)
     q_sq = tl.zeros((BLOCK_ROWS,), tl.float32)
     k_sq = tl.zeros((D_PAD,), tl.float32)
     for split in range(0, splits):
         item = (bh * splits + split).to(tl.int64)
-        raw += tl.load(gram_partial_ptr + (item * d + rows[:, None]) * d + cols[None, :], mask=tile_ok, other=0.0)
         q_sq += tl.load(sq_partial_ptr + (item * 2) * d + rows, mask=rows_ok, other=0.0)
         k_sq += tl.load(sq_partial_ptr + (item * 2 + 1) * d + cols, mask=cols_ok, other=0.0)
     q_norm = tl.sqrt(q_sq)
@@ -186,12 +212,7 @@ def attention_output_kernel(p_ptr, v_ptr, out_ptr, heads, d, n, v_stride_b, v_st
                             DOT_PRECISION: tl.constexpr):
     """Program (bh, column block): out[:, cols] = P v[:, cols] (out contiguous), the product
     taken K_CHUNK channels of v at a time (bounded shared memory and unrolled code at d = 128)."""
-    bh = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.arange(0, D_PAD)
-    rows_ok = rows < d
-    cols_ok = cols < n
-    square = (bh * d).to(tl.int64) * d
+    bh, cols, rows, rows_ok, cols_ok, square = _column_block(d, n, BLOCK_N, D_PAD)
     out = tl.zeros((D_PAD, BLOCK_N), tl.float32)
     for c0 in range(0, d, K_CHUNK):  # chunks past d would be all padding
         chunk = c0 + tl.arange(0, K_CHUNK)
@@ -218,19 +239,12 @@ def attention_matrix_backward_kernel(gram_ptr, dp_partial_ptr, temperature_ptr, 
     bh = tl.program_id(0)
     row_block = tl.program_id(1)
     row_blocks = tl.num_programs(1)
-    rows = row_block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    cols = tl.arange(0, D_PAD)
-    rows_ok = rows < d
-    cols_ok = cols < d
-    tile_ok = rows_ok[:, None] & cols_ok[None, :]
+    rows, cols, rows_ok, cols_ok, tile_ok = _row_block(row_block, d, BLOCK_ROWS, D_PAD)
     tile = (bh * d + rows[:, None]).to(tl.int64) * d + cols[None, :]
     gram = tl.load(gram_ptr + tile, mask=tile_ok, other=0.0)
     tau = tl.load(temperature_ptr + bh % heads).to(tl.float32)
     scores, rank = _scores_and_ranks(gram_ptr + (bh * d + rows).to(tl.int64) * d, gram, tau, rows_ok, cols, d)
-    dp = tl.zeros((BLOCK_ROWS, D_PAD), tl.float32)
-    for split in range(0, splits):
-        item = (bh * splits + split).to(tl.int64)
-        dp += tl.load(dp_partial_ptr + (item * d + rows[:, None]) * d + cols[None, :], mask=tile_ok, other=0.0)
+    dp = _sum_of_split_partials(dp_partial_ptr, bh, splits, d, rows, cols, tile_ok, BLOCK_ROWS, D_PAD)
     exp_shifted, relu_sq = _shifted_exp_and_relu_sq(scores, tile_ok)
     p = tl.zeros((BLOCK_ROWS, D_PAD), tl.float32)
     ds = tl.zeros((BLOCK_ROWS, D_PAD), tl.float32)
@@ -265,12 +279,7 @@ def attention_input_grads_kernel(q_ptr, k_ptr, dout_ptr, m_ptr, p_ptr, a_q_ptr, 
         dq = (M k̂)/‖q‖ − a_q⊙q,   dk = (Mᵀ q̂)/‖k‖ − b⊙k,   dv = Pᵀ dout
     with b_j = Σ_i dS_ij S_ij / ‖k_j‖² summed from the row-block partials in order. The three
     products are taken K_CHUNK channels at a time; Mᵀ and Pᵀ are read transposed from memory."""
-    bh = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.arange(0, D_PAD)
-    rows_ok = rows < d
-    cols_ok = cols < n
-    square = (bh * d).to(tl.int64) * d
+    bh, cols, rows, rows_ok, cols_ok, square = _column_block(d, n, BLOCK_N, D_PAD)
     acc_q = tl.zeros((D_PAD, BLOCK_N), tl.float32)
     acc_k = tl.zeros((D_PAD, BLOCK_N), tl.float32)
     acc_v = tl.zeros((D_PAD, BLOCK_N), tl.float32)

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import sparse_attn
+from attention_cases import (GRAD_NAMES, assert_close_to_float64_reference, make_inputs, run,
+                             with_ties_and_zero_channels)
 from sparse_attn import backends
 from sparse_attn.nn import ChannelAttention, TopKChannelAttention, drsformer_topk
 from sparse_attn.reference import drsformer_formula
@@ -12,53 +14,6 @@ from sparse_attn.reference import sparse_channel_attention as reference
 from sparse_attn.reference.sparse_channel_attention import stable_descending_ranks
 
 CPU_BACKENDS = [b for b in ("native",) if b in backends.available("cpu")]
-GRAD_NAMES = ("q", "k", "v", "temperature", "weights")
-
-
-def make_inputs(batch, heads, d, n, dtype=torch.float64, branches=4, layout="contiguous"):
-    if layout == "transposed":  # (B, heads, N, d) storage seen as (B, heads, d, N)
-        q, k, v = (torch.randn(batch, heads, n, d, dtype=dtype).transpose(-1, -2) for _ in range(3))
-    elif layout == "chunked":  # as the modules produce them: channel slices of one qkv map
-        qkv = torch.randn(batch, 3 * heads * d, n, dtype=dtype)
-        q, k, v = (t.reshape(batch, heads, d, n) for t in qkv.chunk(3, dim=1))
-    else:
-        q, k, v = (torch.randn(batch, heads, d, n, dtype=dtype) for _ in range(3))
-    temperature = torch.rand(heads, 1, 1, dtype=dtype) + 0.5
-    weights = torch.rand(branches, dtype=dtype) + 0.1
-    return [t.detach().requires_grad_() for t in (q, k, v, temperature, weights)]
-
-
-def run(backend, inputs, topk, activation="softmax", grad_out=None):
-    """Output and the gradients of (q, k, v, temperature, weights) for <out, grad_out>."""
-    out = sparse_attn.sparse_channel_attention(*inputs, topk, activation, backend=backend)
-    if grad_out is None:
-        grad_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, inputs, grad_out)
-    return out.detach(), grads, grad_out
-
-
-def cast(inputs, dtype):
-    return [t.detach().to(dtype).requires_grad_() for t in inputs]
-
-
-def max_rel_err(x, ref):
-    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-
-
-def assert_close_to_float64_reference(backend, inputs64, topk, activation, dtype):
-    """The backend in `dtype` is compared with the float64 reference; in float32 its error may
-    be at most twice the float32 reference's own error (plus a few ulps)."""
-    out64, grads64, g = run("reference", inputs64, topk, activation)
-    out, grads, _ = run(backend, cast(inputs64, dtype), topk, activation, g.to(dtype))
-    if dtype == torch.float64:
-        tolerances = [1e-12] * 6
-    else:
-        ref_out, ref_grads, _ = run("reference", cast(inputs64, dtype), topk, activation, g.to(dtype))
-        tolerances = [2 * max_rel_err(x, y) + 1e-6 for x, y in zip((ref_out, *ref_grads), (out64, *grads64))]
-    for name, x, y, tol in zip(("out",) + GRAD_NAMES, (out, *grads), (out64, *grads64), tolerances):
-        assert x.dtype == dtype, name
-        err = max_rel_err(x, y)
-        assert err <= tol, f"{backend} {name}: relative error {err:.3g} > {tol:.3g}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,15 +54,10 @@ def test_non_contiguous_inputs(backend, layout):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_ties_and_zero_channel(backend, dtype):
-    """A zero channel of q makes its score row all ties; a repeated channel of k makes two equal
-    columns in every row. Every backend must select the same entries (lower index wins)."""
-    q, k, v, temperature, weights = make_inputs(2, 1, 10, 200)
-    with torch.no_grad():
-        q[:, :, 3] = 0
-        k[:, :, 7] = k[:, :, 2]
-        k[:, :, 5] = 0
-    assert_close_to_float64_reference(backend, [q, k, v, temperature, weights], (5, 6, 7, 8), "softmax", dtype)
-    assert_close_to_float64_reference(backend, [q, k, v, temperature, weights], (5, 6, 7, 8), "relu2", dtype)
+    """Every backend must select the same entries in tied rows (lower index wins)."""
+    inputs = with_ties_and_zero_channels(make_inputs(2, 1, 10, 200))
+    assert_close_to_float64_reference(backend, inputs, (5, 6, 7, 8), "softmax", dtype)
+    assert_close_to_float64_reference(backend, inputs, (5, 6, 7, 8), "relu2", dtype)
 
 
 def test_tie_rule_is_a_stable_descending_sort():
