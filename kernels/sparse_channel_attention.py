@@ -358,8 +358,8 @@ def _dot_precision(dtype):
 def _splits(bh, n, block_n):
     """Columns per split of the split-N passes: enough programs to fill a GPU, chosen from the
     shape alone so that the partial sums, and hence the bits, never depend on the device."""
-    blocks = triton.cdiv(n, block_n)
-    per_split = triton.cdiv(blocks, max(1, min(blocks, _TARGET_PROGRAMS // bh)))
+    # No Python comparison involves N here: under torch.compile it would become a guard.
+    per_split = triton.cdiv(triton.cdiv(n, block_n), max(1, _TARGET_PROGRAMS // bh))
     split_len = per_split * block_n
     return triton.cdiv(n, split_len), split_len
 
