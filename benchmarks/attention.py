@@ -36,14 +36,17 @@ def level_spec(op, level, side, compile=True):
             "width": side // scale, "compile": compile}
 
 
-def default_specs(full):
-    """Quick: the four levels of a 128² image and the issue-2 target shape (level 1 of 256²),
-    torch.compile only at the target shape. Full: the four levels of 128², 256² and 512² images."""
+def default_specs(sweep):
+    """quick: the four levels of a 128² image and the issue-2 target shape (level 1 of 256²),
+    torch.compile only at the target shape; targets: the target shape alone; full: the four
+    levels of 128², 256² and 512² images."""
+    target = [level_spec(op, 1, 256) for op in OPS]
+    if sweep == "targets":
+        return target
+    full = sweep == "full"
     sides = (128, 256, 512) if full else (128,)
     specs = [level_spec(op, level, side, compile=full) for side in sides for level in range(1, 5) for op in OPS]
-    if not full:
-        specs += [level_spec(op, 1, 256) for op in OPS]
-    return specs
+    return specs if full else specs + target
 
 
 def _official(op, topk):
@@ -76,8 +79,11 @@ def make_case(spec):
         def tensor(*shape, scale=1.0, offset=0.0):
             t = torch.randn(*shape, generator=generator, dtype=torch.float64) * scale + offset
             return t.to(device=device, dtype=dtype).requires_grad_()
+        # MDTA's one branch has weight 1 (the official formula has no weights); DRSformer's
+        # attn1..attn4 start at 0.2.
+        weights = tensor(branches, scale=0.05, offset=0.2) if op == "topk" else tensor(1, scale=0.0, offset=1.0)
         return [tensor(b, heads, d, n), tensor(b, heads, d, n), tensor(b, heads, d, n),
-                tensor(heads, 1, 1, scale=0.1, offset=1.0), tensor(branches, scale=0.05, offset=0.2)]
+                tensor(heads, 1, 1, scale=0.1, offset=1.0), weights]
 
     def floor(tensors):
         q, k, v = (t.detach() for t in tensors[:3])

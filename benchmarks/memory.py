@@ -163,8 +163,12 @@ def largest_square(group, spec_at, variant, device, budget_bytes, warmup=False, 
     """The largest side s (a multiple of ``multiple``) such that the no-grad inference of
     ``spec_at(s)`` peaks within ``budget_bytes``, by bisection over [low, high]. Returns
     (side, peak bytes at that side); side is None when even ``low`` does not fit."""
+    # The child's RSS includes its own baseline (torch, the model), so it is stopped only when
+    # it is well past the budget; whether a side fits is decided on the measured peak.
+    limit = int(budget_bytes * 1.25) + 2**30
+
     def peak(side):
-        return peak_bytes(group, spec_at(side), variant, "inference", device, warmup, limit_bytes=budget_bytes)
+        return peak_bytes(group, spec_at(side), variant, "inference", device, warmup, limit_bytes=limit)
 
     low_peak = peak(low)
     if low_peak > budget_bytes:

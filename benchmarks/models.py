@@ -33,22 +33,30 @@ class OnBackend(nn.Module):
             return self.model(x)
 
 
-def spec(model, mode, side, compile=True, peak=False):
-    return {"model": model, "mode": mode, "batch": 1, "side": side, "compile": compile, "peak": peak}
+def spec(model, mode, side, compile=True, peak=False, timed=True):
+    return {"model": model, "mode": mode, "batch": 1, "side": side, "compile": compile, "peak": peak,
+            "timed": timed}
 
 
-def default_specs(full):
-    """Quick: training steps at 128² and inference at 256² of every model, torch.compile only
-    for DRSformer's training step; DRSformer's inference peak memory at 256² and 512² (issue 5's
-    target, and the two points the largest-image estimate is drawn through).
-    Full: training steps at 128² and 256², inference at 256² and 512², everything compiled."""
-    if full:
+def default_specs(sweep):
+    """The full networks are slow on a small CPU (DRSformer's training step at 128² takes about a
+    minute on 2 cores), so:
+    quick: every model's training step at 64² and inference at 128², not compiled; DRSformer's
+        inference peak memory at 128² and 256² (the largest-image estimate is drawn through them);
+    targets: issue 5's shapes: DRSformer's training step at 128², its inference peak memory at
+        256² and 512²;
+    full: training steps at 128² and 256², inference at 256² and 512², everything compiled and
+        every peak measured, and the largest-image bisection."""
+    if sweep == "full":
         return [spec(m, mode, side) for m in MODELS for mode, sides in (("train", (128, 256)),
                                                                        ("inference", (256, 512)))
                 for side in sides]
-    specs = [spec(m, "train", 128, compile=m == "DRSformer") for m in MODELS]
-    specs += [spec(m, "inference", 256, compile=False, peak=m == "DRSformer") for m in MODELS]
-    return specs + [spec("DRSformer", "inference", 512, compile=False, peak=True)]
+    if sweep == "targets":
+        return [spec("DRSformer", "train", 128, compile=False),
+                *(spec("DRSformer", "inference", side, compile=False, peak=True, timed=False) for side in (256, 512))]
+    specs = [spec(m, "train", 64, compile=False) for m in MODELS]
+    specs += [spec(m, "inference", 128, compile=False, peak=m == "DRSformer") for m in MODELS]
+    return specs + [spec("DRSformer", "inference", 256, compile=False, peak=True, timed=False)]
 
 
 def _network(name, mode, device, dtype):
@@ -77,7 +85,7 @@ def make_case(spec):
 
     def reference_compiled(device, dtype):
         if not spec["compile"]:
-            raise Skipped("compiled only for DRSformer's training step in a quick run; --full compiles every case")
+            raise Skipped("networks are compiled only with --full (minutes per network on CPU)")
         model = _network(name, mode, device, dtype)
         return OnBackend(compile_for_case(model), "reference")
 
@@ -87,16 +95,16 @@ def make_case(spec):
                 Variant("reference (compile)", reference_compiled, COMPILED)]
     variants += [Variant(backend, lambda device, dtype, backend=backend: _ours(name, mode, backend, device, dtype))
                  for backend in BACKENDS]
-    train = mode == "train"
+    train, timed = mode == "train", spec["timed"]
     return Case(group=GROUP, name=f"{name} {MODES[mode]}", shape=f"B{b} 3x{side}x{side}", spec=spec,
-                pixels=side * side, inputs=inputs, variants=variants, time_forward=not train,
-                time_backward=train, peak_mode=("train" if train else "inference") if spec["peak"] else None,
+                pixels=side * side, inputs=inputs, variants=variants, time_forward=timed and not train,
+                time_backward=timed and train, peak_mode=("train" if train else "inference") if spec["peak"] else None,
                 peak_warmup=False)
 
 
 def targets(rows):
     """Issue 5's targets: CPU, fp32, default DRSformer, batch 1."""
-    train_shape, infer_shape = "B1 3x128x128", "B1 3x512x512"
+    train_shape, infer_shape = "B1 3x128x128", "B1 3x512x512"  # measured by --targets and --full
     native = find_row(rows, "DRSformer train step", train_shape, "native")
     reference = find_row(rows, "DRSformer train step", train_shape, "reference (eager)")
     native_512 = find_row(rows, "DRSformer inference", infer_shape, "native")
@@ -112,9 +120,9 @@ def targets(rows):
     ]
 
 
-def section(rows, opts, full):
+def section(rows, opts, sweep):
     """The largest square image each backend restores (no-grad, batch 1) within the budget:
-    bisection over fresh processes with --full; a quick run extrapolates from the measured peaks
+    bisection over fresh processes with --full; other sweeps extrapolate from the measured peaks
     (peak memory is affine in the number of pixels for these networks)."""
     budget = opts.mem_budget_bytes
     lines = [f"\nLargest square image restored without tiling within {budget / 2**30:.1f} GiB (no-grad, batch 1):"]
@@ -122,7 +130,7 @@ def section(rows, opts, full):
         for backend in ("reference (eager)",) + BACKENDS:
             measured = sorted((r.pixels, r.peak_bytes) for r in rows
                               if r.name == f"{name} inference" and r.backend == backend and r.peak_bytes)
-            if full:
+            if sweep == "full":
                 found = _bisect(name, backend, opts)
             elif len(measured) >= 2:
                 found = _extrapolate(measured, budget)
@@ -130,7 +138,7 @@ def section(rows, opts, full):
                 continue
             lines.append(f"  {name:10} {backend:18} {found}")
     if len(lines) == 1:
-        lines.append("  (needs peak memory at two sizes: run with --full)")
+        lines.append("  (needs DRSformer's inference peak memory at two sizes: not in this sweep)")
     return "\n".join(lines)
 
 

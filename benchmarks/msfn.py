@@ -49,22 +49,25 @@ class FeedForward(nn.Module):
         return self.project_out(x)
 
 
-def level_spec(part, level, side, compile=True, peak=False):
+def level_spec(part, level, side, compile=True, peak=False, errors=True):
     scale = 2 ** (level - 1)
     return {"part": part, "batch": 1, "dim": BASE_DIM * scale, "height": side // scale, "width": side // scale,
-            "compile": compile, "peak": peak}
+            "compile": compile, "peak": peak, "errors": errors}
 
 
-def default_specs(full):
-    """Quick: the four levels of a 128² image, and level 1 of 256² (issue 4's target, with its
-    peak memory), torch.compile only at the target shape. Full: the four levels of 128², 256²
-    and 512² images."""
+def default_specs(sweep):
+    """quick: the four levels of a 128² image, and level 1 of 256² (issue 4's target, with its
+    peak memory); torch.compile and the float64 error (grouped convolutions in float64 take
+    PyTorch's slow path on CPU) only at the target shape. targets: the target shape alone.
+    full: the four levels of 128², 256² and 512² images, everything measured."""
+    target = [level_spec(part, 1, 256, peak=True) for part in PARTS]
+    if sweep == "targets":
+        return target
+    full = sweep == "full"
     sides = (128, 256, 512) if full else (128,)
-    specs = [level_spec(part, level, side, compile=full) for side in sides for level in range(1, 5)
+    specs = [level_spec(part, level, side, compile=full, errors=full) for side in sides for level in range(1, 5)
              for part in PARTS]
-    if not full:
-        specs += [level_spec(part, 1, 256, peak=True) for part in PARTS]
-    return specs
+    return specs if full else specs + target
 
 
 def _baseline_module(dim, device, dtype):
@@ -119,7 +122,8 @@ def make_case(spec):
         truth = lambda device: _baseline_module(dim, device, torch.float64)  # noqa: E731
         shape = f"B{b} dim{dim} {height}x{width}"
     return Case(group=GROUP, name=PARTS[part], shape=shape, spec=spec, pixels=height * width, inputs=inputs,
-                variants=variants, truth=truth, peak_mode="inference" if spec["peak"] else None)
+                variants=variants, truth=truth if spec["errors"] else None,
+                peak_mode="inference" if spec["peak"] else None)
 
 
 def targets(rows):

@@ -20,16 +20,23 @@ def make_case(group, spec):
     return group_module(group).make_case(spec)
 
 
-def cases(groups, full):
-    return [make_case(group, spec) for group in groups for spec in group_module(group).default_specs(full)]
+SWEEPS = ("quick", "targets", "full")
 
 
-def run(groups, opts, full=False, results_dir=report.RESULTS_DIR, write=True, stream=sys.stdout):
+def cases(groups, sweep):
+    """The cases of ``groups`` in a sweep: "quick" (the default run, minutes), "targets" (just
+    the shapes the issues' targets are stated at) or "full" (everything)."""
+    if sweep not in SWEEPS:
+        raise ValueError(f"sweep: expected one of {SWEEPS}, got {sweep!r}")
+    return [make_case(group, spec) for group in groups for spec in group_module(group).default_specs(sweep)]
+
+
+def run(groups, opts, sweep="quick", results_dir=report.RESULTS_DIR, write=True, stream=sys.stdout):
     """Measure every case of ``groups``, print the table and the Targets, append the CSV rows
     and draw the plots. Returns the rows."""
     started = time.perf_counter()
     rows = []
-    for case in cases(groups, full):
+    for case in cases(groups, sweep):
         case_started = time.perf_counter()
         rows += case_module.measure(case, opts)
         print(f"  {case.group}: {case.name} {case.shape} ({time.perf_counter() - case_started:.0f} s)",
@@ -43,7 +50,7 @@ def run(groups, opts, full=False, results_dir=report.RESULTS_DIR, write=True, st
     for group in groups:  # a group may add a section of its own (the models: largest image)
         section = getattr(group_module(group), "section", None)
         if section is not None:
-            print(section(rows, opts, full), file=stream)
+            print(section(rows, opts, sweep), file=stream)
     targets = [t for group in groups for t in getattr(group_module(group), "targets", lambda rows: [])(rows)]
     if targets:
         print("\nTargets (reports, not assertions)", file=stream)

@@ -13,14 +13,14 @@ import torch
 import torch.utils.benchmark as torch_benchmark
 
 MIN_BLOCK_S = 0.02  # a CPU sample shorter than this is dominated by timer overhead and noise
+MIN_SAMPLES = 3     # the fewest samples a median is taken of, however long a call is
 
 
 def median_ms(fn, device, repeat=5, budget_s=10.0):
     """Median milliseconds of one call of ``fn()`` after one warm-up call.
 
     repeat: the number of samples (on CPU; on CUDA do_bench decides); fewer when ``repeat``
-    calls would exceed ``budget_s`` (never fewer than one), so that a ten-second training step
-    is not run fifty times.
+    calls would exceed ``budget_s``, but never fewer than MIN_SAMPLES (or ``repeat`` if less).
     """
     device = torch.device(device)
     fn()  # warm-up: lazy initialisation, compilation, allocator growth
@@ -29,7 +29,7 @@ def median_ms(fn, device, repeat=5, budget_s=10.0):
     fn()  # the first sample, and the estimate that sizes the rest
     _synchronize(device)
     first_s = time.perf_counter() - start
-    samples = max(1, min(repeat, math.floor(budget_s / max(first_s, 1e-9))))
+    samples = min(repeat, max(MIN_SAMPLES, math.floor(budget_s / max(first_s, 1e-9))))
     if device.type == "cuda":
         return _cuda_median_ms(fn, samples)
     return _cpu_median_ms(fn, samples, first_s)

@@ -55,6 +55,17 @@ def test_a_measured_row_has_times_saved_bytes_and_errors():
     assert row.fwd_error < 1e-6 and row.grad_error < 1e-6
 
 
+def test_a_case_measured_only_for_its_peak_reports_a_failed_peak_as_unavailable(monkeypatch):
+    def child_failed(*args, **kwargs):
+        raise RuntimeError("ValueError: group: expected one of ...")  # as peak_bytes reports a child's error
+    monkeypatch.setattr(memory, "peak_bytes", child_failed)
+    case = _tiny_case([Variant("broken later", _failing_at_call)])
+    case.time_forward = case.time_backward = False
+    case.peak_mode = "inference"
+    (row,) = measure(case, Options(repeat=1, peak=None))
+    assert row.status == "unavailable" and row.note.startswith("peak: RuntimeError: ValueError: group:")
+
+
 def test_table_csv_and_plot_for_a_tiny_attention_case(tmp_path):
     case = attention.make_case(attention.level_spec("topk", 4, 32, compile=False))
     rows = add_speedups(measure(case, QUICK))
@@ -78,6 +89,14 @@ def test_table_csv_and_plot_for_a_tiny_attention_case(tmp_path):
     (png,) = report.plot(rows, env, "cpu", tmp_path)
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_official_formulas_agree_with_the_reference():
+    for op in attention.OPS:
+        case = attention.make_case(attention.level_spec(op, 4, 32, compile=False))
+        case.variants = [case.variant("official (eager)")]
+        (row,) = measure(case, Options(repeat=1, budget_s=0.1, peak=False))
+        assert row.fwd_error < 1e-5 and row.grad_error < 1e-5, (op, row)
 
 
 def test_saved_bytes_counts_each_storage_once():
@@ -133,8 +152,15 @@ def test_peak_memory_subprocess(capsys):
     assert "has no variant 'no such backend'" in answer["error"]
 
 
-def test_every_group_builds_its_default_cases():
-    for group in suite.GROUPS:
-        for case in suite.cases([group], full=False):
-            assert case.variants and case.shape
-            assert suite.make_case(group, case.spec).shape == case.shape
+def test_every_sweep_builds_its_cases_and_covers_the_targets():
+    for sweep in suite.SWEEPS:
+        for group in suite.GROUPS:
+            cases = suite.cases([group], sweep)
+            for case in cases:
+                assert case.variants and case.shape
+                assert suite.make_case(group, case.spec).shape == case.shape  # what the memory child does
+    # Every target names a case that the "targets" sweep measures.
+    shapes = {(c.name, c.shape) for c in suite.cases(list(suite.GROUPS), "targets")}
+    assert ("top-k attention", "B1 heads1 d48 256x256") in shapes
+    assert ("MSFN core", "B1 C254 256x256") in shapes and ("MixedScaleFFN", "B1 dim48 256x256") in shapes
+    assert ("DRSformer train step", "B1 3x128x128") in shapes and ("DRSformer inference", "B1 3x512x512") in shapes
