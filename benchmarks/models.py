@@ -39,10 +39,11 @@ def spec(model, mode, side, compile=True, peak=False, timed=True):
 
 
 def default_specs(sweep):
-    """The full networks are slow on a small CPU (DRSformer's training step at 128² takes about a
-    minute on 2 cores), so:
-    quick: every model's training step at 64² and inference at 128², not compiled; DRSformer's
-        inference peak memory at 128² and 256² (the largest-image estimate is drawn through them);
+    """The full networks are slow on a small CPU (DRSformer's training step takes about a minute at
+    64² on 2 busy cores, several at 128²), so:
+    quick: DRSformer's training step at 64², every model's inference at 128², not compiled;
+        DRSformer's inference peak memory at 64² and 128² (the largest-image estimate is drawn
+        through them);
     targets: issue 5's shapes: DRSformer's training step at 128², its inference peak memory at
         256² and 512²;
     full: training steps at 128² and 256², inference at 256² and 512², everything compiled and
@@ -54,9 +55,9 @@ def default_specs(sweep):
     if sweep == "targets":
         return [spec("DRSformer", "train", 128, compile=False),
                 *(spec("DRSformer", "inference", side, compile=False, peak=True, timed=False) for side in (256, 512))]
-    specs = [spec(m, "train", 64, compile=False) for m in MODELS]
+    specs = [spec("DRSformer", "train", 64, compile=False)]
     specs += [spec(m, "inference", 128, compile=False, peak=m == "DRSformer") for m in MODELS]
-    return specs + [spec("DRSformer", "inference", 256, compile=False, peak=True, timed=False)]
+    return specs + [spec("DRSformer", "inference", 64, compile=False, peak=True, timed=False)]
 
 
 def _network(name, mode, device, dtype):

@@ -208,12 +208,15 @@ def plot(rows, env, device_type, directory=RESULTS_DIR):
         for (name, backend), series in lines.items():
             series.sort(key=lambda r: r.pixels)
             _line(speed_axis, series, lambda r: r.speedup_eager_fwdbwd or r.speedup_eager_fwd, f"{name}: {backend}")
-            _line(memory_axis, series, lambda r: (r.peak_bytes if r.peak_bytes not in (None, float("inf"))
-                                                   else r.saved_bytes), f"{name}: {backend}", scale=2**-20)
+            # One kind of memory per line: the peak where the whole series has one, else saved bytes.
+            if all(r.peak_bytes not in (None, float("inf")) for r in series):
+                _line(memory_axis, series, lambda r: r.peak_bytes, f"{name}: {backend} (peak)", scale=2**-20)
+            else:
+                _line(memory_axis, series, lambda r: r.saved_bytes, f"{name}: {backend} (saved)", scale=2**-20)
         speed_axis.set(xscale="log", xlabel="pixels (H·W)", ylabel="speed-up vs official eager (fwd+bwd, else fwd)",
                        title=f"{group}: speed-up")
         memory_axis.set(xscale="log", yscale="log", xlabel="pixels (H·W)",
-                        ylabel="MB (peak where measured, else saved for backward)", title=f"{group}: memory")
+                        ylabel="MB: peak, or saved for backward", title=f"{group}: memory")
         for axis in (speed_axis, memory_axis):
             if axis.lines:
                 axis.legend(fontsize=7)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmarks import attention, models, msfn
-from benchmarks.case import COMPILED, make_step
+from benchmarks.case import COMPILED
 
 SMALL = [("attention", attention.make_case(attention.level_spec(op, level, 64, compile=False)))
          for op in attention.OPS for level in (1, 4)]
@@ -32,4 +32,7 @@ def test_case(benchmark, case, variant, mode):
     except Exception as exc:  # a backend or op that has not landed, or cannot run on CPU
         pytest.skip(f"{variant.backend} cannot run: {type(exc).__name__}: {str(exc).splitlines()[0][:150]}")
     benchmark.group = f"{case.name} {case.shape} {mode}"
-    benchmark(step)
+    if case.group == "models":  # seconds per call on CPU even at 32²: a few rounds, not pytest-benchmark's many
+        benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
+    else:
+        benchmark(step)

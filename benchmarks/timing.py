@@ -20,7 +20,8 @@ def median_ms(fn, device, repeat=5, budget_s=10.0):
     """Median milliseconds of one call of ``fn()`` after one warm-up call.
 
     repeat: the number of samples (on CPU; on CUDA do_bench decides); fewer when ``repeat``
-    calls would exceed ``budget_s``, but never fewer than MIN_SAMPLES (or ``repeat`` if less).
+    calls would exceed ``budget_s``, but never fewer than MIN_SAMPLES (or ``repeat`` if less),
+    except that a call which alone takes longer than ``budget_s`` is timed once after warm-up.
     """
     device = torch.device(device)
     fn()  # warm-up: lazy initialisation, compilation, allocator growth
@@ -29,7 +30,10 @@ def median_ms(fn, device, repeat=5, budget_s=10.0):
     fn()  # the first sample, and the estimate that sizes the rest
     _synchronize(device)
     first_s = time.perf_counter() - start
-    samples = min(repeat, max(MIN_SAMPLES, math.floor(budget_s / max(first_s, 1e-9))))
+    if first_s > budget_s:
+        samples = 1  # a call longer than the whole budget (a network's step on CPU): this one sample
+    else:
+        samples = min(repeat, max(MIN_SAMPLES, math.floor(budget_s / first_s)))
     if device.type == "cuda":
         return _cuda_median_ms(fn, samples)
     return _cpu_median_ms(fn, samples, first_s)
