@@ -189,8 +189,9 @@ def append_csv(rows, env, directory=RESULTS_DIR):
 
 
 def plot(rows, env, device_type, directory=RESULTS_DIR):
-    """One PNG per group: speed-up against the eager official code, and memory, against the
-    image size, one line per (op, backend). Returns the paths (none without matplotlib)."""
+    """One PNG per group that has a measured row: speed-up against the eager official code, and
+    memory, against the image size, one line per (op, backend). Returns the paths (none without
+    matplotlib)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -199,7 +200,7 @@ def plot(rows, env, device_type, directory=RESULTS_DIR):
         return []
     os.makedirs(directory, exist_ok=True)
     paths = []
-    for group in dict.fromkeys(r.group for r in rows):
+    for group in dict.fromkeys(r.group for r in rows if r.status == "ok"):  # nothing measured, no plot
         figure, (speed_axis, memory_axis) = plt.subplots(1, 2, figsize=(13, 5))
         lines = {}
         for row in rows:
