@@ -1,0 +1,163 @@
+"""Model cases: DRSformer, Restormer and the sparse gated deblurring transformer (DSGformer).
+
+Each network (default configuration, seeded weights) runs a training step (forward and the
+gradients of every parameter) and a no-grad inference on every backend through
+``sparse_attn.use_backend``; the ``reference`` backend in eager mode and under
+``torch.compile`` are the baselines. The section after the table gives the largest square
+image each backend restores within ``--mem-budget``.
+"""
+import torch
+from torch import nn
+
+from .case import COMPILED, EAGER, Case, Skipped, Variant, compile_for_case, require_backend
+from .memory import largest_square
+from .report import Target, find_row, ratio
+
+GROUP = "models"
+MODELS = ("DRSformer", "Restormer", "DSGformer")
+BACKENDS = ("native", "triton")
+MODES = {"train": "train step", "inference": "inference"}
+
+
+class OnBackend(nn.Module):
+    """Runs ``model`` with every op on ``backend`` (sparse_attn.use_backend around the call)."""
+
+    def __init__(self, model, backend):
+        super().__init__()
+        self.model, self.backend = model, backend
+
+    def forward(self, x):
+        import sparse_attn
+
+        with sparse_attn.use_backend(self.backend):
+            return self.model(x)
+
+
+def spec(model, mode, side, compile=True, peak=False, timed=True):
+    return {"model": model, "mode": mode, "batch": 1, "side": side, "compile": compile, "peak": peak,
+            "timed": timed}
+
+
+def default_specs(sweep):
+    """The full networks are slow on a small CPU (DRSformer's training step takes about a minute at
+    64² on 2 busy cores, several at 128²), so:
+    quick: DRSformer's training step at 64², every model's inference at 128², not compiled;
+        DRSformer's inference peak memory at 64² and 128² (the largest-image estimate is drawn
+        through them);
+    targets: issue 5's shapes: DRSformer's training step at 128², its inference peak memory at
+        256² and 512²;
+    full: training steps at 128² and 256², inference at 256² and 512², everything compiled and
+        every peak measured, and the largest-image bisection."""
+    if sweep == "full":
+        return [spec(m, mode, side) for m in MODELS for mode, sides in (("train", (128, 256)),
+                                                                       ("inference", (256, 512)))
+                for side in sides]
+    if sweep == "targets":
+        return [spec("DRSformer", "train", 128, compile=False),
+                *(spec("DRSformer", "inference", side, compile=False, peak=True, timed=False) for side in (256, 512))]
+    specs = [spec("DRSformer", "train", 64, compile=False)]
+    specs += [spec(m, "inference", 128, compile=False, peak=m == "DRSformer") for m in MODELS]
+    return specs + [spec("DRSformer", "inference", 64, compile=False, peak=True, timed=False)]
+
+
+def _network(name, mode, device, dtype):
+    import sparse_attn.models
+
+    cls = getattr(sparse_attn.models, name)  # AttributeError until the model lands: the row says so
+    torch.manual_seed(0)
+    model = cls().to(device=device, dtype=dtype)
+    return model.train() if mode == "train" else model.eval()
+
+
+def _ours(name, mode, backend, device, dtype):
+    require_backend(backend, device)
+    return OnBackend(_network(name, mode, device, dtype), backend)
+
+
+def make_case(spec):
+    name, mode, b, side = spec["model"], spec["mode"], spec["batch"], spec["side"]
+
+    def inputs(device, dtype):
+        generator = torch.Generator().manual_seed(0)
+        return [torch.rand(b, 3, side, side, generator=generator).to(device=device, dtype=dtype)]
+
+    def reference(device, dtype):
+        return OnBackend(_network(name, mode, device, dtype), "reference")
+
+    def reference_compiled(device, dtype):
+        if not spec["compile"]:
+            raise Skipped("networks are compiled only with --full (minutes per network on CPU)")
+        model = _network(name, mode, device, dtype)
+        return OnBackend(compile_for_case(model), "reference")
+
+    # The network is compiled, not the use_backend wrapper: the backend is a global the
+    # compiled graph guards on.
+    variants = [Variant("reference (eager)", reference, EAGER),
+                Variant("reference (compile)", reference_compiled, COMPILED)]
+    variants += [Variant(backend, lambda device, dtype, backend=backend: _ours(name, mode, backend, device, dtype))
+                 for backend in BACKENDS]
+    train, timed = mode == "train", spec["timed"]
+    return Case(group=GROUP, name=f"{name} {MODES[mode]}", shape=f"B{b} 3x{side}x{side}", spec=spec,
+                pixels=side * side, inputs=inputs, variants=variants, time_forward=timed and not train,
+                time_backward=timed and train, peak_mode=("train" if train else "inference") if spec["peak"] else None,
+                peak_warmup=False)
+
+
+def targets(rows):
+    """Issue 5's targets: CPU, fp32, default DRSformer, batch 1."""
+    train_shape, infer_shape = "B1 3x128x128", "B1 3x512x512"  # measured by --targets and --full
+    native = find_row(rows, "DRSformer train step", train_shape, "native")
+    reference = find_row(rows, "DRSformer train step", train_shape, "reference (eager)")
+    native_512 = find_row(rows, "DRSformer inference", infer_shape, "native")
+    reference_512 = find_row(rows, "DRSformer inference", infer_shape, "reference (eager)")
+    get = lambda row, field: getattr(row, field, None)  # noqa: E731
+    return [
+        Target("5", f"DRSformer train step {train_shape}: native vs reference", get(native, "speedup_eager_fwdbwd"),
+               ">=", 1.5),
+        Target("5", f"DRSformer train step {train_shape}: native saved bytes / reference's",
+               ratio(get(native, "saved_bytes"), get(reference, "saved_bytes")), "<=", 0.50, "%"),
+        Target("5", f"DRSformer inference {infer_shape}: native peak memory / reference's",
+               ratio(get(native_512, "peak_bytes"), get(reference_512, "peak_bytes")), "<=", 0.60, "%"),
+    ]
+
+
+def section(rows, opts, sweep):
+    """The largest square image each backend restores (no-grad, batch 1) within the budget:
+    bisection over fresh processes with --full; other sweeps extrapolate from the measured peaks
+    (peak memory is affine in the number of pixels for these networks)."""
+    budget = opts.mem_budget_bytes
+    lines = [f"\nLargest square image restored without tiling within {budget / 2**30:.1f} GiB (no-grad, batch 1):"]
+    for name in MODELS:
+        for backend in ("reference (eager)",) + BACKENDS:
+            measured = sorted((r.pixels, r.peak_bytes) for r in rows
+                              if r.name == f"{name} inference" and r.backend == backend and r.peak_bytes)
+            if sweep == "full":
+                found = _bisect(name, backend, opts)
+            elif len(measured) >= 2:
+                found = _extrapolate(measured, budget)
+            else:
+                continue
+            lines.append(f"  {name:10} {backend:18} {found}")
+    if len(lines) == 1:
+        lines.append("  (needs DRSformer's inference peak memory at two sizes: not in this sweep)")
+    return "\n".join(lines)
+
+
+def _bisect(name, backend, opts):
+    try:
+        side, peak = largest_square(GROUP, lambda s: spec(name, "inference", s, compile=False), backend,
+                                    opts.device, opts.mem_budget_bytes)
+    except Exception as exc:  # a backend that cannot run is reported, not raised
+        return f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+    if side is None:
+        return "not even 64x64"
+    return f"{side}x{side} (peak {peak / 2**30:.2f} GiB, measured)"
+
+
+def _extrapolate(measured, budget):
+    (p0, m0), (p1, m1) = measured[0], measured[-1]
+    per_pixel = (m1 - m0) / (p1 - p0)
+    if per_pixel <= 0:
+        return "cannot extrapolate (peak does not grow with size)"
+    side = int(((budget - m0) / per_pixel + p0) ** 0.5) // 8 * 8
+    return f"about {side}x{side} (estimated from the peaks at {int(p0 ** 0.5)}² and {int(p1 ** 0.5)}²; --full measures)"

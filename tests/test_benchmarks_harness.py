@@ -1,0 +1,166 @@
+"""The benchmark harness itself: rows, table, CSV, plots, memory counters and arithmetic.
+(The benchmarks' figures are reports, checked by nobody's assert; the harness is tested here.)"""
+import csv
+import json
+
+import torch
+
+from benchmarks import attention, memory, report, suite
+from benchmarks.case import (COMPILED, EAGER, Case, Options, Row, Skipped, Variant, add_speedups, measure,
+                             speedup)
+
+QUICK = Options(repeat=1, budget_s=1.0, peak=False)
+
+
+def _tiny_case(variants):
+    def inputs(device, dtype):
+        return [torch.randn(4, 8, device=device, dtype=dtype, requires_grad=True)]
+    return Case(group="tiny", name="tiny op", shape="4x8", spec={}, pixels=32, inputs=inputs, variants=variants,
+                truth=lambda device: torch.tanh)
+
+
+def _failing_at_build(device, dtype):
+    raise RuntimeError("no kernel for this op here\nsecond line")
+
+
+def _failing_at_call(device, dtype):
+    def fn(x):
+        raise NotImplementedError("the backward is not written yet")
+    return fn
+
+
+def _skipped(device, dtype):
+    raise Skipped("left out of a quick run")
+
+
+def test_failing_backends_become_rows_not_crashes():
+    rows = measure(_tiny_case([Variant("eager", lambda d, t: torch.tanh, EAGER),
+                               Variant("broken", _failing_at_build),
+                               Variant("half-done", _failing_at_call),
+                               Variant("later", _skipped)]), QUICK)
+    assert [r.status for r in rows] == ["ok", "unavailable", "unavailable", "skipped"]
+    assert rows[1].note == "RuntimeError: no kernel for this op here"
+    assert rows[2].note.startswith("NotImplementedError: the backward is not written yet")
+    assert rows[1].fwd_ms is None and rows[1].speedup_eager_fwd is None
+    table = report.render_table(add_speedups(rows), "title")
+    assert "unavailable: RuntimeError: no kernel for this op here" in table
+    assert "skipped: left out of a quick run" in table
+
+
+def test_a_measured_row_has_times_saved_bytes_and_errors():
+    (row,) = measure(_tiny_case([Variant("eager", lambda d, t: torch.tanh, EAGER)]), QUICK)
+    assert row.status == "ok" and row.note == ""
+    assert row.fwd_ms > 0 and row.fwdbwd_ms > 0
+    assert row.saved_bytes == 4 * 8 * 4  # tanh saves its result
+    assert row.fwd_error < 1e-6 and row.grad_error < 1e-6
+
+
+def test_a_case_measured_only_for_its_peak_reports_a_failed_peak_as_unavailable(monkeypatch):
+    def child_failed(*args, **kwargs):
+        raise RuntimeError("ValueError: group: expected one of ...")  # as peak_bytes reports a child's error
+    monkeypatch.setattr(memory, "peak_bytes", child_failed)
+    case = _tiny_case([Variant("broken later", _failing_at_call)])
+    case.time_forward = case.time_backward = False
+    case.peak_mode = "inference"
+    (row,) = measure(case, Options(repeat=1, peak=None))
+    assert row.status == "unavailable" and row.note.startswith("peak: RuntimeError: ValueError: group:")
+
+
+def test_table_csv_and_plot_for_a_tiny_attention_case(tmp_path):
+    case = attention.make_case(attention.level_spec("topk", 4, 32, compile=False))
+    rows = add_speedups(measure(case, QUICK))
+    by_backend = {r.backend: r for r in rows}
+    assert by_backend["official (eager)"].status == "ok"
+    assert by_backend["official (compile)"].status == "skipped"
+    assert by_backend["reference"].status == "ok"
+    assert by_backend["reference"].fwd_error < 1e-5
+    assert by_backend["reference"].floor_ms > 0
+    env = report.environment("cpu")
+    table = report.render_table(rows, "title")
+    for backend in by_backend:
+        assert backend in table
+    csv_paths = report.append_csv(rows, env, tmp_path)
+    report.append_csv(rows, env, tmp_path)  # appending keeps one header
+    with open(csv_paths[0]) as f:
+        written = list(csv.DictReader(f))
+    assert len(written) == 2 * len(rows)
+    assert {"date", "commit", "device", "torch", "triton"} <= set(written[0])
+    assert written[0]["torch"] == torch.__version__ and written[0]["backend"] == "official (eager)"
+    (png,) = report.plot(rows, env, "cpu", tmp_path)
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_official_formulas_agree_with_the_reference():
+    for op in attention.OPS:
+        case = attention.make_case(attention.level_spec(op, 4, 32, compile=False))
+        case.variants = [case.variant("official (eager)")]
+        (row,) = measure(case, Options(repeat=1, budget_s=0.1, peak=False))
+        assert row.fwd_error < 1e-5 and row.grad_error < 1e-5, (op, row)
+
+
+def test_saved_bytes_counts_each_storage_once():
+    x = torch.randn(1000, requires_grad=True)
+    w = torch.randn(500, requires_grad=True)
+
+    def fn():
+        y = x.exp()          # saves y: 4000 bytes
+        z = y * x            # saves y again and x: 4000 more
+        return z[:500] * w + x[:500] * w  # saves z (4000), w (2000), and a view of x (counted with x)
+
+    nbytes, _ = memory.saved_bytes(fn)
+    assert nbytes == 4000 + 4000 + 4000 + 2000
+
+
+def test_speedup_arithmetic():
+    def row(backend, role, fwd, fwdbwd, status="ok"):
+        return Row("g", "op", "s", backend, role, 1, status=status, fwd_ms=fwd, fwdbwd_ms=fwdbwd)
+    rows = add_speedups([row("eager", EAGER, 10.0, 30.0), row("compiled", COMPILED, 4.0, None),
+                         row("ours", "backend", 2.0, 6.0), row("gone", "backend", None, None, "unavailable")])
+    eager, compiled, ours, gone = rows
+    assert (ours.speedup_eager_fwd, ours.speedup_eager_fwdbwd) == (5.0, 5.0)
+    assert (ours.speedup_compiled_fwd, ours.speedup_compiled_fwdbwd) == (2.0, None)
+    assert eager.speedup_eager_fwd == 1.0 and compiled.speedup_eager_fwd == 2.5
+    assert gone.speedup_eager_fwd is None
+    assert speedup(None, 1.0) is None and speedup(3.0, 1.5) == 2.0
+    assert Row("g", "op", "s", "b", "backend", 1, fwd_ms=3.0, floor_ms=2.0).floor_ratio == 1.5
+
+
+def test_target_verdicts():
+    assert report.Target("2", "x", 5.5, ">=", 5.0).verdict == "PASS"
+    assert report.Target("2", "x", 0.31, "<=", 0.30, "%").verdict == "FAIL"
+    missing = report.Target("2", "x", None, ">=", 5.0)
+    assert missing.verdict == "N/A" and "not measured" in missing.line()
+    assert "measured 31%" in report.Target("2", "x", 0.31, "<=", 0.30, "%").line()
+
+
+def test_cpu_peak_of_a_known_allocation():
+    nbytes = 64 * 2**20
+    peak = memory.cpu_peak_bytes_here(lambda: torch.ones(nbytes // 4).sum())
+    # RSS moves by pages for reasons of its own (other buffers freed meanwhile): a few percent.
+    assert 0.95 * nbytes <= peak < nbytes + 16 * 2**20
+
+
+def test_peak_memory_subprocess(capsys):
+    spec = attention.level_spec("topk", 4, 32, compile=False)
+    peak = memory.peak_bytes("attention", spec, "reference", "inference", "cpu")
+    assert 0 <= peak < 256 * 2**20
+    # The child's answer when its case cannot run (in this process: a second child is slow).
+    memory._child_main(["memory", json.dumps({"group": "attention", "spec": spec, "variant": "no such backend",
+                                              "mode": "inference", "device": "cpu", "warmup": False})])
+    answer = json.loads(capsys.readouterr().out)
+    assert "has no variant 'no such backend'" in answer["error"]
+
+
+def test_every_sweep_builds_its_cases_and_covers_the_targets():
+    for sweep in suite.SWEEPS:
+        for group in suite.GROUPS:
+            cases = suite.cases([group], sweep)
+            for case in cases:
+                assert case.variants and case.shape
+                assert suite.make_case(group, case.spec).shape == case.shape  # what the memory child does
+    # Every target names a case that the "targets" sweep measures.
+    shapes = {(c.name, c.shape) for c in suite.cases(list(suite.GROUPS), "targets")}
+    assert ("top-k attention", "B1 heads1 d48 256x256") in shapes
+    assert ("MSFN core", "B1 C254 256x256") in shapes and ("MixedScaleFFN", "B1 dim48 256x256") in shapes
+    assert ("DRSformer train step", "B1 3x128x128") in shapes and ("DRSformer inference", "B1 3x512x512") in shapes
