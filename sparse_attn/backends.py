@@ -40,6 +40,9 @@ _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _forced_backend = "auto"
 
 
+# The kernels are registered when sparse_attn._C is imported and never change afterwards, so
+# torch.compile may evaluate this once while tracing instead of breaking the graph on it.
+@torch.compiler.assume_constant_result
 def native_has_kernel(op, device_type):
     """Whether sparse_attn._C registered a kernel of ``op`` for ``device_type`` ("cpu"/"cuda")."""
     if _NATIVE_IMPORT_ERROR is not None:

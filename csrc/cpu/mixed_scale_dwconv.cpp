@@ -79,6 +79,14 @@ struct Geometry {
   }
 };
 
+// Tasks per parallel chunk: enough pixels that waking a thread pays off, so that small images
+// (gradcheck, tests) run on the calling thread.
+int64_t grain_of(const Geometry& g) {
+  constexpr int64_t kPixelsPerChunk = 1 << 15;
+  const int64_t tile_pixels = std::min(g.height, kTileH) * std::min(g.width, kTileW);
+  return std::max<int64_t>(1, kPixelsPerChunk / tile_pixels);
+}
+
 Geometry geometry_of(const Tensor& x) {
   const int64_t h = x.size(2), w = x.size(3);
   return {x.size(0), x.size(1), x.size(1) / 2, h, w, (h + kTileH - 1) / kTileH, (w + kTileW - 1) / kTileW};
@@ -430,7 +438,7 @@ Tensor forward_cpu(const Tensor& x_in, const Tensor& w3_in, const Tensor& w5_in,
     const Params<scalar_t> p = params_of<scalar_t>(w3, w5, w3_1, w5_1, b3, b5, b3_1, b5_1);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, g.batch * g.channels * g.tiles(), 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, g.batch * g.channels * g.tiles(), grain_of(g), [&](int64_t begin, int64_t end) {
       ForwardScratch<scalar_t> scratch;
       for (int64_t item = begin; item < end; ++item) {
 #ifdef MSDW_HAS_AVX2_CLONE
@@ -469,7 +477,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     const scalar_t* op = out.const_data_ptr<scalar_t>();
     scalar_t* dxp = grad_x.mutable_data_ptr<scalar_t>();
     double* pp = partials.mutable_data_ptr<double>();
-    at::parallel_for(0, g.batch * g.channels * g.tiles(), 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, g.batch * g.channels * g.tiles(), grain_of(g), [&](int64_t begin, int64_t end) {
       BackwardScratch<scalar_t> scratch;
       for (int64_t item = begin; item < end; ++item) {
 #ifdef MSDW_HAS_AVX2_CLONE
@@ -488,7 +496,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     const double* pp = partials.const_data_ptr<double>();
     double* gp = grads.mutable_data_ptr<double>();
     const int64_t rows = partials.size(0), total = layout.total;
-    at::parallel_for(0, total, 256, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, total, std::max<int64_t>(256, (1 << 15) / rows), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         double sum = 0;
         for (int64_t row = 0; row < rows; ++row) sum += pp[row * total + k];
