@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "common/mixed_scale_dwconv.h"
+#include "common/mixed_scale_dwconv_args.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #define MSDW_HAS_AVX2_CLONE 1
@@ -200,23 +201,6 @@ MSDW_INLINE void forward_task(const Geometry& g, const Params<T>& p, const T* x,
 // ---------------------------------------------------------------------------------------------
 // Backward
 // ---------------------------------------------------------------------------------------------
-
-// Where each parameter's gradient lives in a row of the partial-sum table.
-struct GradLayout {
-  int64_t w3, w5, w3_1, w5_1, b3, b5, b3_1, b5_1, total;
-  explicit GradLayout(int64_t hidden) {
-    const int64_t c = 2 * hidden;
-    w3 = 0;
-    w5 = w3 + c * 9;
-    w3_1 = w5 + c * 25;
-    w5_1 = w3_1 + hidden * 2 * 9;
-    b3 = w5_1 + hidden * 2 * 25;
-    b5 = b3 + c;
-    b3_1 = b5 + c;
-    b5_1 = b3_1 + hidden;
-    total = b5_1 + hidden;
-  }
-};
 
 // dz = grad_out * (out > 0) over the spans (clipped to the image); zero elsewhere.
 template <typename T>
@@ -412,21 +396,10 @@ Params<T> params_of(const Tensor& w3, const Tensor& w5, const Tensor& w3_1, cons
           pointer_or_null<T>(b3), pointer_or_null<T>(b5), pointer_or_null<T>(b3_1), pointer_or_null<T>(b5_1)};
 }
 
-std::optional<Tensor> contiguous_or_none(const std::optional<Tensor>& t) {
-  return t.has_value() ? std::optional<Tensor>(t->contiguous()) : std::nullopt;
-}
-
-void check_inputs(const Tensor& x, const Tensor& w3, const Tensor& w5, const Tensor& w3_1, const Tensor& w5_1) {
-  TORCH_CHECK(x.dim() == 4 && x.size(1) % 2 == 0, "mixed_scale_dwconv: x must be (B, 2h, H, W), got ", x.sizes());
-  const int64_t c = x.size(1), h = c / 2;
-  TORCH_CHECK(w3.numel() == c * 9 && w5.numel() == c * 25 && w3_1.numel() == h * 18 && w5_1.numel() == h * 50,
-              "mixed_scale_dwconv: weight shapes do not match x's ", c, " channels");
-}
-
 Tensor forward_cpu(const Tensor& x_in, const Tensor& w3_in, const Tensor& w5_in, const Tensor& w3_1_in,
                    const Tensor& w5_1_in, const std::optional<Tensor>& b3_in, const std::optional<Tensor>& b5_in,
                    const std::optional<Tensor>& b3_1_in, const std::optional<Tensor>& b5_1_in) {
-  check_inputs(x_in, w3_in, w5_in, w3_1_in, w5_1_in);
+  check_args(x_in, w3_in, w5_in, w3_1_in, w5_1_in, {b3_in, b5_in, b3_1_in, b5_1_in});
   const Tensor x = x_in.contiguous(), w3 = w3_in.contiguous(), w5 = w5_in.contiguous();
   const Tensor w3_1 = w3_1_in.contiguous(), w5_1 = w5_1_in.contiguous();
   const auto b3 = contiguous_or_none(b3_in), b5 = contiguous_or_none(b5_in);
@@ -454,11 +427,11 @@ Tensor forward_cpu(const Tensor& x_in, const Tensor& w3_in, const Tensor& w5_in,
   return out;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_cpu(
+BackwardResult backward_cpu(
     const Tensor& grad_out_in, const Tensor& x_in, const Tensor& out_in, const Tensor& w3_in, const Tensor& w5_in,
     const Tensor& w3_1_in, const Tensor& w5_1_in, const std::optional<Tensor>& b3_in,
     const std::optional<Tensor>& b5_in) {
-  check_inputs(x_in, w3_in, w5_in, w3_1_in, w5_1_in);
+  check_args(x_in, w3_in, w5_in, w3_1_in, w5_1_in, {b3_in, b5_in});
   TORCH_CHECK(grad_out_in.sizes() == x_in.sizes() && out_in.sizes() == x_in.sizes(),
               "mixed_scale_dwconv_backward: grad_out and out must have x's shape");
   const Tensor x = x_in.contiguous(), out = out_in.contiguous();
@@ -504,21 +477,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
       }
     });
   }
-  grads = grads.to(x.scalar_type());
-  auto part = [&](int64_t offset, int64_t count, const Tensor& like) {
-    return grads.narrow(0, offset, count).reshape(like.sizes()).clone();
-  };
-  const int64_t c = g.channels, h = g.hidden;
-  const Tensor bias_c = at::empty({c}, x.options()), bias_h = at::empty({h}, x.options());
-  return {grad_x,
-          part(layout.w3, c * 9, w3_in),
-          part(layout.w5, c * 25, w5_in),
-          part(layout.w3_1, h * 18, w3_1_in),
-          part(layout.w5_1, h * 50, w5_1_in),
-          part(layout.b3, c, bias_c),
-          part(layout.b5, c, bias_c),
-          part(layout.b3_1, h, bias_h),
-          part(layout.b5_1, h, bias_h)};
+  return backward_result(grad_x, layout.split(grads, x));
 }
 
 }  // namespace
