@@ -48,7 +48,6 @@ constexpr int64_t kTileW = 128;
 constexpr int64_t kHalo = 4;  // first-stage radius (<= 2) plus second-stage radius (<= 2)
 constexpr int64_t kLd = kTileW + 2 * kHalo;       // row stride of a buffer frame
 constexpr int64_t kFrame = (kTileH + 2 * kHalo) * kLd;
-constexpr int kMaxTaps = 25;
 
 // A half-open range of buffer rows or columns.
 struct Span {
@@ -216,30 +215,53 @@ MSDW_INLINE void masked_grad(const T* grad_plane, const T* out_plane, int64_t wi
   }
 }
 
-// acc[t][j] += a[i][j] * b[i + ty - r][j + tx - r] over the tile's pixels (i, j): per-column
-// partial sums of the weight gradient sum_p a[p] b[p + t - r], reduced later (vectorisable, and
-// in a fixed order).
-template <int K, typename T>
-MSDW_INLINE void correlate(const T* __restrict a, const T* __restrict b, const Tile& tile, T* __restrict acc) {
-  constexpr int64_t r = K / 2;
-  const int64_t n = tile.j1 - tile.j0;
+// The sum over the tile's pixels of a[p] * b[p + shift] (b's window moved by `shift` elements),
+// in a fixed order: kLanes running sums (which the compiler keeps in vector registers) per row,
+// added into double lanes after each row.
+constexpr int64_t kLanes = 8;
+
+template <typename T>
+MSDW_INLINE double tile_dot(const T* __restrict a, const T* __restrict b, const Tile& tile) {
+  const int64_t n = tile.j1 - tile.j0, n_full = n / kLanes * kLanes;
+  double wide[kLanes] = {};
   for (int64_t i = kHalo; i < kHalo + tile.i1 - tile.i0; ++i) {
     const T* __restrict ar = a + i * kLd + kHalo;
-    for (int ty = 0; ty < K; ++ty)
-      for (int tx = 0; tx < K; ++tx) {
-        const T* __restrict br = b + (i + ty - r) * kLd + kHalo + tx - r;
-        T* __restrict accr = acc + (ty * K + tx) * kTileW;
-        for (int64_t j = 0; j < n; ++j) accr[j] += ar[j] * br[j];
-      }
+    const T* __restrict br = b + i * kLd + kHalo;
+    T lanes[kLanes] = {};
+    for (int64_t j = 0; j < n_full; j += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) lanes[l] += ar[j + l] * br[j + l];
+    for (int64_t j = n_full; j < n; ++j) lanes[j - n_full] += ar[j] * br[j];
+    for (int64_t l = 0; l < kLanes; ++l) wide[l] += lanes[l];
   }
+  double sum = 0;
+  for (int64_t l = 0; l < kLanes; ++l) sum += wide[l];
+  return sum;
 }
 
-// The per-column sums of `a` over the tile's rows (for a bias gradient).
+// dst[t] = sum over the tile's pixels p of a[p] * b[p + t - r]: a weight gradient's partial.
+template <int K, typename T>
+MSDW_INLINE void correlate(const T* a, const T* b, const Tile& tile, double* dst) {
+  constexpr int64_t r = K / 2;
+  for (int ty = 0; ty < K; ++ty)
+    for (int tx = 0; tx < K; ++tx) dst[ty * K + tx] = tile_dot(a, b + (ty - r) * kLd + (tx - r), tile);
+}
+
+// The sum of `a` over the tile's pixels (a bias gradient's partial), in the same fixed order.
 template <typename T>
-MSDW_INLINE void column_sums(const T* __restrict a, const Tile& tile, T* __restrict acc) {
-  const int64_t n = tile.j1 - tile.j0;
-  for (int64_t i = kHalo; i < kHalo + tile.i1 - tile.i0; ++i)
-    for (int64_t j = 0; j < n; ++j) acc[j] += a[i * kLd + kHalo + j];
+MSDW_INLINE double tile_sum(const T* __restrict a, const Tile& tile) {
+  const int64_t n = tile.j1 - tile.j0, n_full = n / kLanes * kLanes;
+  double wide[kLanes] = {};
+  for (int64_t i = kHalo; i < kHalo + tile.i1 - tile.i0; ++i) {
+    const T* __restrict ar = a + i * kLd + kHalo;
+    T lanes[kLanes] = {};
+    for (int64_t j = 0; j < n_full; j += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) lanes[l] += ar[j + l];
+    for (int64_t j = n_full; j < n; ++j) lanes[j - n_full] += ar[j];
+    for (int64_t l = 0; l < kLanes; ++l) wide[l] += lanes[l];
+  }
+  double sum = 0;
+  for (int64_t l = 0; l < kLanes; ++l) sum += wide[l];
+  return sum;
 }
 
 // dy = (y > 0) * conv_transpose_KxK(dz) over the spans; zero elsewhere.
@@ -275,21 +297,9 @@ MSDW_INLINE void back_through_stage_one(const T* __restrict dy, const T* taps_in
 
 template <typename T>
 struct BackwardScratch {
-  std::vector<T> x, y, dz, dy, dx, acc_w2, acc_w1, acc_b2, acc_b1;
-  BackwardScratch()
-      : x(kFrame), y(kFrame), dz(kFrame), dy(kFrame), dx(kFrame), acc_w2(kMaxTaps * kTileW),
-        acc_w1(kMaxTaps * kTileW), acc_b2(kTileW), acc_b1(kTileW) {}
+  std::vector<T> x, y, dz, dy, dx;
+  BackwardScratch() : x(kFrame), y(kFrame), dz(kFrame), dy(kFrame), dx(kFrame) {}
 };
-
-// Sums `count` rows of per-column partials (kTileW apart, `n` columns each) into `dst`.
-template <typename T>
-void reduce_columns(const T* acc, int64_t count, int64_t n, double* dst) {
-  for (int64_t k = 0; k < count; ++k) {
-    double sum = 0;
-    for (int64_t j = 0; j < n; ++j) sum += acc[k * kTileW + j];
-    dst[k] = sum;
-  }
-}
 
 // The gradient through one first-stage map of the task's input channel; adds its part of dx
 // into s.dx and writes its weight and bias partials into `partial` (this task's row).
@@ -306,26 +316,17 @@ MSDW_INLINE void backward_map(const Geometry& g, const Params<T>& p, const GradL
   masked_grad(grad_out + plane, out + plane, g.width, tile, tile.rows(r1 + r2, g.height),
               tile.cols(r1 + r2, g.width), s.dz.data());
 
-  const int64_t n = tile.j1 - tile.j0;
-  std::fill(s.acc_w2.begin(), s.acc_w2.end(), T(0));
-  correlate<K2>(s.dz.data(), s.y.data(), tile, s.acc_w2.data());
   const int64_t g2 = o < g.hidden ? o : o - g.hidden;
   const int64_t w2_offset = (o < g.hidden ? layout.w3_1 : layout.w5_1) + (g2 * 2 + reader.slot) * K2 * K2;
-  reduce_columns(s.acc_w2.data(), K2 * K2, n, partial + w2_offset);
+  correlate<K2>(s.dz.data(), s.y.data(), tile, partial + w2_offset);
   if (reader.slot == 0) {  // the slot-0 task owns the output channel's bias
-    std::fill(s.acc_b2.begin(), s.acc_b2.end(), T(0));
-    column_sums(s.dz.data(), tile, s.acc_b2.data());
-    reduce_columns(s.acc_b2.data(), 1, n, partial + (o < g.hidden ? layout.b3_1 : layout.b5_1) + g2);
+    partial[(o < g.hidden ? layout.b3_1 : layout.b5_1) + g2] = tile_sum(s.dz.data(), tile);
   }
 
   back_through_stage_two<K2>(s.dz.data(), s.y.data(), p.stage_two_taps(o, reader.slot, g.hidden),
                              tile.rows(r1, g.height), tile.cols(r1, g.width), s.dy.data());
-  std::fill(s.acc_w1.begin(), s.acc_w1.end(), T(0));
-  correlate<K1>(s.dy.data(), s.x.data(), tile, s.acc_w1.data());
-  reduce_columns(s.acc_w1.data(), K1 * K1, n, partial + (kind == kKind3 ? layout.w3 : layout.w5) + c * K1 * K1);
-  std::fill(s.acc_b1.begin(), s.acc_b1.end(), T(0));
-  column_sums(s.dy.data(), tile, s.acc_b1.data());
-  reduce_columns(s.acc_b1.data(), 1, n, partial + (kind == kKind3 ? layout.b3 : layout.b5) + c);
+  correlate<K1>(s.dy.data(), s.x.data(), tile, partial + (kind == kKind3 ? layout.w3 : layout.w5) + c * K1 * K1);
+  partial[(kind == kKind3 ? layout.b3 : layout.b5) + c] = tile_sum(s.dy.data(), tile);
 
   back_through_stage_one<K1>(s.dy.data(), p.stage_one_taps(kind, c), tile, s.dx.data());
 }
