@@ -40,14 +40,22 @@ _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _forced_backend = "auto"
 
 
-# The kernels are registered when sparse_attn._C is imported and never change afterwards, so
-# torch.compile may evaluate this once while tracing instead of breaking the graph on it.
-@torch.compiler.assume_constant_result
+def _native_kernels():
+    """{(op, device_type)} of the kernels sparse_attn._C registered, read once at import (a
+    plain set lookup later is what torch.compile can trace)."""
+    if _NATIVE_IMPORT_ERROR is not None:
+        return frozenset()
+    ops = [name for name in torch._C._dispatch_get_all_op_names() if name.startswith("sparse_attn::")]
+    return frozenset((name.split("::", 1)[1], device) for name in ops for device in ("cpu", "cuda")
+                     if torch._C._dispatch_has_kernel_for_dispatch_key(name, device.upper()))
+
+
+_NATIVE_KERNELS = _native_kernels()
+
+
 def native_has_kernel(op, device_type):
     """Whether sparse_attn._C registered a kernel of ``op`` for ``device_type`` ("cpu"/"cuda")."""
-    if _NATIVE_IMPORT_ERROR is not None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"sparse_attn::{op}", device_type.upper())
+    return (op, device_type) in _NATIVE_KERNELS
 
 
 def why_unavailable(name, device_type, dtype=None, op=None, dtypes=None, triton_ready=True):
@@ -55,7 +63,8 @@ def why_unavailable(name, device_type, dtype=None, op=None, dtypes=None, triton_
 
     op: the schema name of the op's native kernel (checked when ``name`` is "native").
     dtypes: {backend: {device_type: dtypes it supports}} for the op; missing means any.
-    triton_ready: False where the op has no Triton kernels yet.
+    triton_ready: True, False where the op has no Triton kernels yet, or a sentence saying why
+        its Triton kernels cannot take these inputs (e.g. a shape limit).
     """
     if name not in BACKENDS:
         raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {name!r}")
@@ -68,8 +77,8 @@ def why_unavailable(name, device_type, dtype=None, op=None, dtypes=None, triton_
     if name == "triton":
         if _TRITON_IMPORT_ERROR is not None:
             return _TRITON_IMPORT_ERROR
-        if not triton_ready:
-            return "this op has no Triton kernels"
+        if triton_ready is not True:
+            return triton_ready or "this op has no Triton kernels"
         if device_type == "cpu" and not _TRITON_INTERPRET:
             return ("Triton runs on CUDA tensors, and on CPU tensors only in its interpreter: "
                     "set TRITON_INTERPRET=1 before importing sparse_attn")

@@ -1,11 +1,14 @@
 """Test set-up. TRITON_INTERPRET is read when Triton kernels are decorated, so it is set here,
-before anything imports sparse_attn: the `triton` backend then runs on CPU tensors."""
+before anything imports sparse_attn: without a GPU the `triton` backend then runs on CPU tensors
+in the interpreter; with one, the compiled kernels are what the GPU tests run (and the
+interpreter tests skip, saying so)."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.backends.cuda.matmul.allow_tf32 = False  # references are exact fp32
 torch.backends.cudnn.allow_tf32 = False

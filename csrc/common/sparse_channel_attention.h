@@ -44,6 +44,14 @@ SA_HOST_DEVICE inline int rank_in_row(const T* s, int d, int j) {
   return rank;
 }
 
+// S_ij = τ·q̂_i·k̂_j of one row and the ranks of its entries. Forward and backward compute them
+// identically, from the same stored gram row, so that both see the same selection.
+template <typename T>
+SA_HOST_DEVICE inline void scores_and_ranks_of_row(const T* gram_row, T tau, int d, T* s, int* rank) {
+  for (int j = 0; j < d; ++j) s[j] = tau * gram_row[j];
+  for (int j = 0; j < d; ++j) rank[j] = rank_in_row(s, d, j);
+}
+
 template <typename T>
 SA_HOST_DEVICE inline T row_max(const T* s, int d) {
   T m = s[0];
@@ -128,6 +136,33 @@ SA_HOST_DEVICE inline T normalize_projection_scale(T norm) {
 template <typename T>
 SA_HOST_DEVICE inline T clamped_norm(T norm) {
   return norm > T(kNormEps) ? norm : T(kNormEps);
+}
+
+// One entry of q̂k̂ᵀ from the raw Gram entry q_i·k_j and the two channel norms.
+template <typename T>
+SA_HOST_DEVICE inline T normalized_gram_entry(T raw, T q_norm, T k_norm) {
+  return raw / (clamped_norm(q_norm) * clamped_norm(k_norm));
+}
+
+// Row i's sums after dS: its share of dτ, ⟨dS_i, q̂_i k̂ᵀ⟩, and ⟨dS_i, S_i⟩ = ⟨dq̂_i, q̂_i⟩, the
+// weight of q_i's normalisation correction.
+template <typename T>
+SA_HOST_DEVICE inline void score_grad_row_sums(const T* ds, const T* gram_row, const T* s, int d,
+                                               T* dtau, T* s_dot) {
+  T dt = T(0), sd = T(0);
+  for (int j = 0; j < d; ++j) {
+    dt += ds[j] * gram_row[j];
+    sd += ds[j] * s[j];
+  }
+  *dtau = dt;
+  *s_dot = sd;
+}
+
+// A_ij = τ dS_ij / (‖q_i‖ ‖k_j‖) (norms clamped), so that dq = A k − a⊙q and dk = Aᵀ q − b⊙k
+// with a_i = ⟨dS_i, S_i⟩ / ‖q_i‖² and b_j = Σ_i dS_ij S_ij / ‖k_j‖² (normalize_projection_scale).
+template <typename T>
+SA_HOST_DEVICE inline T raw_score_grad(T tau, T ds, T q_norm, T k_norm) {
+  return tau * ds / (clamped_norm(q_norm) * clamped_norm(k_norm));
 }
 
 }  // namespace sca

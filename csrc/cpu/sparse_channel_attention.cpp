@@ -44,6 +44,8 @@ void gram_and_norms_of_slab(const Tensor& q, const Tensor& k, int64_t col_begin,
     const scalar_t* kp = k_chunk.const_data_ptr<scalar_t>();
     for (int64_t i = 0; i < d; ++i) {
       scalar_t qs = 0, ks = 0;
+      // omp simd lets the compiler vectorise the reduction (a fixed order for a given build).
+#pragma omp simd reduction(+ : qs, ks)
       for (int64_t n = 0; n < len; ++n) {
         qs += qp[i * stride + n] * qp[i * stride + n];
         ks += kp[i * stride + n] * kp[i * stride + n];
@@ -90,20 +92,11 @@ void normalized_gram(const Tensor& q, const Tensor& k, Tensor& gram, Tensor& q_n
         for (int64_t j = 0; j < d; ++j) {
           scalar_t acc = 0;
           for (int64_t s = 0; s < slabs; ++s) acc += part[((b * slabs + s) * d + i) * d + j];
-          g[(b * d + i) * d + j] =
-              acc / (clamped_norm(qn[b * d + i]) * clamped_norm(kn[b * d + j]));
+          g[(b * d + i) * d + j] = normalized_gram_entry(acc, qn[b * d + i], kn[b * d + j]);
         }
       }
     }
   });
-}
-
-// Scores of one row: S_ij = τ_h q̂_i·k̂_j, computed identically in forward and backward so that
-// both see the same ranks.
-template <typename scalar_t>
-void scores_and_ranks_of_row(const scalar_t* gram_row, scalar_t tau, int64_t d, scalar_t* s, int* rank) {
-  for (int64_t j = 0; j < d; ++j) s[j] = tau * gram_row[j];
-  for (int64_t j = 0; j < d; ++j) rank[j] = rank_in_row(s, static_cast<int>(d), static_cast<int>(j));
 }
 
 template <typename scalar_t>
@@ -131,7 +124,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Tensor& q4, const
     std::vector<int> rank(d);
     for (int64_t row = begin; row < end; ++row) {
       const scalar_t t = tau_p[(row / d) % heads];
-      scores_and_ranks_of_row(g + row * d, t, d, s.data(), rank.data());
+      scores_and_ranks_of_row(g + row * d, t, static_cast<int>(d), s.data(), rank.data());
       attention_row_forward(s.data(), rank.data(), static_cast<int>(d), br, w_p, pp + row * d);
     }
   });
@@ -155,8 +148,11 @@ void gemm_minus_row_scaled(const Tensor& a_mat, const Tensor& other, const Tenso
       const scalar_t* xp = x[b].narrow(1, c0, len).const_data_ptr<scalar_t>();
       const scalar_t* av = a_vec[b].const_data_ptr<scalar_t>();
       scalar_t* op = out_chunk.data_ptr<scalar_t>();
-      for (int64_t i = 0; i < d; ++i)
-        for (int64_t j = 0; j < len; ++j) op[i * n + j] = -av[i] * xp[i * n + j];
+      for (int64_t i = 0; i < d; ++i) {
+        const scalar_t scale = -av[i];
+#pragma omp simd
+        for (int64_t j = 0; j < len; ++j) op[i * n + j] = scale * xp[i * n + j];
+      }
       out_chunk.addmm_(a_mat[b], other[b].narrow(1, c0, len));
     }
   });
@@ -201,17 +197,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_typed(
     for (int64_t row = begin; row < end; ++row) {
       const scalar_t t = tau_p[(row / d) % heads];
       scalar_t* s = sp + row * d;
-      scores_and_ranks_of_row(g + row * d, t, d, s, rank.data());
+      scores_and_ranks_of_row(g + row * d, t, static_cast<int>(d), s, rank.data());
       attention_row_forward(s, rank.data(), static_cast<int>(d), br, w_p, pp + row * d);
       attention_row_backward(s, rank.data(), dpp + row * d, static_cast<int>(d), br, w_p,
                              dsp + row * d, rdw + row * nb);
-      scalar_t dtau = 0, sdot = 0;
-      for (int64_t j = 0; j < d; ++j) {
-        dtau += dsp[row * d + j] * g[row * d + j];
-        sdot += dsp[row * d + j] * s[j];
-      }
-      rdtau[row] = dtau;
-      rsdot[row] = sdot;
+      score_grad_row_sums(dsp + row * d, g + row * d, s, static_cast<int>(d), rdtau + row, rsdot + row);
     }
   });
 
@@ -243,7 +233,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_typed(
         aq[row] = rsdot[row] * normalize_projection_scale(qn[row]);
         for (int64_t j = 0; j < d; ++j) {
           ak[b * d + j] += dsp[row * d + j] * sp[row * d + j];
-          am[row * d + j] = t * dsp[row * d + j] / (clamped_norm(qn[row]) * clamped_norm(kn[b * d + j]));
+          am[row * d + j] = raw_score_grad(t, dsp[row * d + j], qn[row], kn[b * d + j]);
         }
       }
       for (int64_t j = 0; j < d; ++j) ak[b * d + j] *= normalize_projection_scale(kn[b * d + j]);

@@ -14,10 +14,20 @@ import torch
 from .. import backends
 from ..reference import sparse_channel_attention as reference_attention
 
+try:
+    from ..kernels import sparse_channel_attention as triton_kernels
+except ImportError:  # no Triton here: backends.why_unavailable says so when "triton" is asked for
+    triton_kernels = None
+
 ACTIVATION_CODES = {"softmax": 0, "relu2": 1}  # as in the schema in csrc/ops.cpp
 _NATIVE_OP = "sparse_channel_attention_forward"
+_TRITON_FORWARD = "sparse_channel_attention_triton_forward"
+_TRITON_BACKWARD = "sparse_channel_attention_triton_backward"
+_HALF_AND_SINGLE = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPES = {
-    "native": {"cpu": (torch.float32, torch.float64)},
+    "native": {"cpu": (torch.float32, torch.float64), "cuda": _HALF_AND_SINGLE + (torch.float64,)},
+    # On CPU tensors Triton is its interpreter, whose bf16 products are wrong (numpy has no bf16).
+    "triton": {"cpu": (torch.float32, torch.float16), "cuda": _HALF_AND_SINGLE},
 }
 
 
@@ -76,6 +86,14 @@ def _check_arguments(q, k, v, temperature, weights, topk, activation):
 # ---------------------------------------------------------------------------------------------
 # Dispatch
 # ---------------------------------------------------------------------------------------------
+def _triton_ready(d):
+    if triton_kernels is None:
+        return False
+    if d > triton_kernels.MAX_D:
+        return f"its kernels take at most {triton_kernels.MAX_D} channels per head, got d = {d}"
+    return True
+
+
 def sparse_channel_attention(q, k, v, temperature, weights, topk, activation="softmax", backend="auto"):
     """Channel-wise top-k sparse attention of DRSformer (and, with ``topk=(d,)``, dense MDTA).
 
@@ -92,15 +110,17 @@ def sparse_channel_attention(q, k, v, temperature, weights, topk, activation="so
         out: (B, heads, d, N), of q's dtype.
     """
     temperature, weights, topk, activation = _check_arguments(q, k, v, temperature, weights, topk, activation)
-    name = backends.resolve(backend, q, op=_NATIVE_OP, dtypes=_DTYPES, triton_ready=False)
+    name = backends.resolve(backend, q, op=_NATIVE_OP, dtypes=_DTYPES, triton_ready=_triton_ready(q.shape[2]))
     if name == "reference":
         return reference_attention(q, k, v, temperature, weights, topk, activation)
     codes = [ACTIVATION_CODES[a] for a in activation]
-    return torch.ops.sparse_attn.sparse_channel_attention_forward(q, k, v, temperature, weights, list(topk), codes)[0]
+    forward_op = getattr(torch.ops.sparse_attn, _NATIVE_OP if name == "native" else _TRITON_FORWARD)
+    return forward_op(q, k, v, temperature.contiguous(), weights.contiguous(), list(topk), codes)[0]
 
 
 # ---------------------------------------------------------------------------------------------
-# Autograd and fake (meta) implementations of the native op
+# Autograd and fake (meta) implementations: the native op and the Triton op share the contract
+# (same outputs; gram and norms saved for backward), so they share the autograd formula.
 # ---------------------------------------------------------------------------------------------
 def _accumulation_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -130,14 +150,39 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(gram, q_norm, k_norm)
 
 
-def _backward(ctx, grad_out, _grad_gram, _grad_q_norm, _grad_k_norm):
-    q, k, v, temperature, weights, gram, q_norm, k_norm = ctx.saved_tensors
-    grads = torch.ops.sparse_attn.sparse_channel_attention_backward(
-        grad_out, q, k, v, temperature, weights, gram, q_norm, k_norm, ctx.topk, ctx.activation)
-    return (*grads, None, None)
+def _backward_with(backward_op):
+    """The autograd formula of a forward op whose backward is ``backward_op``."""
+    def backward(ctx, grad_out, _grad_gram, _grad_q_norm, _grad_k_norm):
+        q, k, v, temperature, weights, gram, q_norm, k_norm = ctx.saved_tensors
+        grads = backward_op(grad_out, q, k, v, temperature, weights, gram, q_norm, k_norm,
+                            ctx.topk, ctx.activation)
+        return (*grads, None, None)
+    return backward
 
 
 if backends.why_unavailable("native", "cpu") is None:
     torch.library.register_fake(f"sparse_attn::{_NATIVE_OP}", _fake_forward)
     torch.library.register_fake("sparse_attn::sparse_channel_attention_backward", _fake_backward)
-    torch.library.register_autograd(f"sparse_attn::{_NATIVE_OP}", _backward, setup_context=_setup_context)
+    torch.library.register_autograd(f"sparse_attn::{_NATIVE_OP}",
+                                    _backward_with(torch.ops.sparse_attn.sparse_channel_attention_backward),
+                                    setup_context=_setup_context)
+
+if triton_kernels is not None:
+    # triton_op derives the fake implementations by running these functions on fake tensors,
+    # and lets torch.compile see the kernels the launchers start through wrap_triton.
+    @torch.library.triton_op(f"sparse_attn::{_TRITON_FORWARD}", mutates_args=())
+    def _triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
+                        weights: torch.Tensor, topk: list[int], activation: list[int]
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return triton_kernels.forward(q, k, v, temperature, weights, topk, activation)
+
+    @torch.library.triton_op(f"sparse_attn::{_TRITON_BACKWARD}", mutates_args=())
+    def _triton_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         temperature: torch.Tensor, weights: torch.Tensor, gram: torch.Tensor,
+                         q_norm: torch.Tensor, k_norm: torch.Tensor, topk: list[int], activation: list[int]
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return triton_kernels.backward(grad_out, q, k, v, temperature, weights, gram, q_norm, k_norm,
+                                       topk, activation)
+
+    torch.library.register_autograd(f"sparse_attn::{_TRITON_FORWARD}", _backward_with(_triton_backward),
+                                    setup_context=_setup_context)
