@@ -1,0 +1,8 @@
+"""Full networks on the library's modules: :class:`DRSformer` (with and without MEFC) and
+:class:`Restormer` with the official constructor arguments and parameter names, and
+:class:`DSGformer`, the sparse gated deblurring transformer (a reconstruction)."""
+from .drsformer import DRSformer
+from .dsgformer import DSGformer
+from .restormer import Restormer
+
+__all__ = ["DRSformer", "Restormer", "DSGformer"]

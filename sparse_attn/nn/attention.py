@@ -18,7 +18,7 @@ def drsformer_topk(channels):
 class _ChannelAttentionBase(nn.Module):
     """qkv (1x1) -> depthwise 3x3 -> channel attention per head -> project_out (1x1)."""
 
-    def __init__(self, dim, num_heads, bias, backend):
+    def __init__(self, dim, num_heads, bias, backend="auto"):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"num_heads: {num_heads} does not divide dim = {dim}")

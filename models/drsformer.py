@@ -1,0 +1,184 @@
+"""DRSformer (Chen et al., "Learning A Sparse Transformer Network for Effective Image Deraining",
+CVPR 2023) on the library's modules, with the official module and parameter names.
+
+Every sparse transformer block runs :class:`sparse_attn.nn.TopKChannelAttention` (TKSA) and
+:class:`sparse_attn.nn.MixedScaleFFN` (MSFN), so :func:`sparse_attn.use_backend` moves the whole
+network between backends. The mixture-of-experts feature compensator (MEFC, the official
+``subnet``) is plain PyTorch convolutions: it has no attention or feed-forward block.
+"""
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparse_attn.nn import MixedScaleFFN, TopKChannelAttention
+
+from .common import RestorationUNet, TransformerBlock
+
+
+# ---------------------------------------------------------------------------------------------
+# MEFC: the official `subnet` and its parts (names as upstream, so checkpoints load)
+# ---------------------------------------------------------------------------------------------
+class SepConv(nn.Module):
+    """Depthwise k x k -> 1x1 -> ReLU -> depthwise k x k -> 1x1, no biases (``op`` indices 0, 1, 3, 4)."""
+
+    def __init__(self, channels, kernel_size):
+        super().__init__()
+        pad = kernel_size // 2
+        self.op = nn.Sequential(
+            nn.Conv2d(channels, channels, kernel_size, padding=pad, groups=channels, bias=False),
+            nn.Conv2d(channels, channels, 1, bias=False),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, kernel_size, padding=pad, groups=channels, bias=False),
+            nn.Conv2d(channels, channels, 1, bias=False))
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class DilConv(nn.Module):
+    """Depthwise k x k with dilation 2 (same size) -> 1x1, no biases."""
+
+    def __init__(self, channels, kernel_size):
+        super().__init__()
+        self.op = nn.Sequential(
+            nn.Conv2d(channels, channels, kernel_size, padding=kernel_size - 1, dilation=2, groups=channels,
+                      bias=False),
+            nn.Conv2d(channels, channels, 1, bias=False))
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class ConvReLU(nn.Module):
+    """1x1 conv then ReLU (upstream's ``ReLUConv``, whose ``op`` is in this order)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.op = nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False), nn.ReLU())
+
+    def forward(self, x):
+        return self.op(x)
+
+
+def _expert_operations(channels):
+    """The eight experts, in the official order (their indices are checkpoint keys)."""
+    return [SepConv(channels, 1), SepConv(channels, 3), SepConv(channels, 5), SepConv(channels, 7),
+            DilConv(channels, 3), DilConv(channels, 5), DilConv(channels, 7),
+            nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)]
+
+
+NUM_EXPERTS = len(_expert_operations(1))
+
+
+class OperationLayer(nn.Module):
+    """Every expert on x, each scaled by its per-image weight, concatenated, 1x1 back to C + ReLU."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self._ops = nn.ModuleList(_expert_operations(channels))
+        self._out = nn.Sequential(nn.Conv2d(channels * NUM_EXPERTS, channels, 1, bias=False), nn.ReLU())
+
+    def forward(self, x, weights):
+        """weights: (B, NUM_EXPERTS)."""
+        states = [op(x) * weights[:, i].reshape(-1, 1, 1, 1) for i, op in enumerate(self._ops)]
+        return self._out(torch.cat(states, dim=1))
+
+
+class GroupOLs(nn.Module):
+    """1x1 conv + ReLU, then ``steps`` residual OperationLayers: x = relu(layer(x) + x)."""
+
+    def __init__(self, steps, channels):
+        super().__init__()
+        self.preprocess = ConvReLU(channels)
+        self._steps = steps
+        self._ops = nn.ModuleList(OperationLayer(channels) for _ in range(steps))
+
+    def forward(self, x, weights):
+        """weights: (B, steps, NUM_EXPERTS)."""
+        x = self.preprocess(x)
+        for i, layer in enumerate(self._ops):
+            x = F.relu(layer(x, weights[:, i, :]) + x)
+        return x
+
+
+class OALayer(nn.Module):
+    """The gate: global average pool -> Linear -> ReLU -> Linear to (steps, NUM_EXPERTS) logits."""
+
+    def __init__(self, channel, k, num_ops):
+        super().__init__()
+        self.k, self.num_ops = k, num_ops
+        self.ca_fc = nn.Sequential(nn.Linear(channel, k * num_ops * 2), nn.ReLU(),
+                                   nn.Linear(k * num_ops * 2, k * num_ops))
+
+    def forward(self, x):
+        return self.ca_fc(x.mean(dim=(2, 3))).reshape(-1, self.k, self.num_ops)
+
+
+class MEFC(nn.Module):
+    """DRSformer's mixture-of-experts feature compensator (the official ``subnet``).
+
+    ``layer_num`` times: an OALayer computes softmax weights over the eight experts for each of
+    ``steps`` steps from the pooled input, and a GroupOLs applies them. ``layers`` alternates
+    OALayer and GroupOLs, as upstream.
+    """
+
+    def __init__(self, dim, layer_num=1, steps=4):
+        super().__init__()
+        self._C, self._layer_num, self._steps = dim, layer_num, steps
+        self.num_ops = NUM_EXPERTS
+        self.layers = nn.ModuleList()
+        for _ in range(layer_num):
+            self.layers.append(OALayer(dim, steps, NUM_EXPERTS))
+            self.layers.append(GroupOLs(steps, dim))
+
+    def forward(self, x):
+        for i in range(0, len(self.layers), 2):
+            weights = F.softmax(self.layers[i](x), dim=-1)
+            x = self.layers[i + 1](x, weights)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# The network
+# ---------------------------------------------------------------------------------------------
+class DRSformer(RestorationUNet):
+    """DRSformer: Restormer's U-Net with top-k sparse attention, mixed-scale FFN and MEFC.
+
+    Arguments and defaults are the official ones (``DRSformer_arch.py``), plus:
+
+    mefc: True (default) builds the network of ``DRSformer_arch.py``, with an MEFC after the patch
+        embedding (``encoder_level0``) and one on the 2·dim decoder output (``refinement``).
+        False builds ``DRSformer_arch_200L+SPA.py``, which the authors use for Rain200L and
+        SPA-Data: the same network without the two MEFCs.
+    backend: the op backend of every block ("auto" honours :func:`sparse_attn.use_backend`).
+
+    The default configuration has 33,655,424 parameters (32,610,304 with ``mefc=False``).
+    Unlike the official module, ``forward`` accepts any image size (see
+    :class:`~sparse_attn.models.common.RestorationUNet`); on sizes that are multiples of 8 it
+    computes exactly what the official one does.
+    """
+
+    def __init__(self, inp_channels=3, out_channels=3, dim=48, num_blocks=(4, 6, 6, 8), heads=(1, 2, 4, 8),
+                 ffn_expansion_factor=2.66, bias=False, LayerNorm_type="WithBias", mefc=True,  # noqa: N803
+                 backend="auto"):
+        block = functools.partial(
+            TransformerBlock, ffn_expansion_factor=ffn_expansion_factor, bias=bias, LayerNorm_type=LayerNorm_type,
+            attention=functools.partial(TopKChannelAttention, backend=backend),
+            feedforward=functools.partial(MixedScaleFFN, backend=backend))
+        super().__init__(inp_channels, out_channels, dim, num_blocks, heads, bias, block,
+                         stem=functools.partial(MEFC, dim) if mefc else None,
+                         refinement=functools.partial(MEFC, int(dim * 2 ** 1)) if mefc else None)
+        self.mefc = mefc
+
+    def _config_summary(self):
+        return f"{super()._config_summary()}, mefc={self.mefc}"
+
+    def _checkpoint_hint(self, missing, unexpected):
+        mefc_key = ("encoder_level0.", "refinement.")
+        if not self.mefc and any(k.startswith(mefc_key) for k in unexpected):
+            return "the checkpoint has MEFC weights: construct DRSformer(mefc=True)"
+        if self.mefc and unexpected == [] and all(k.startswith(mefc_key) for k in missing):
+            return "the checkpoint has no MEFC (Rain200L / SPA-Data models): construct DRSformer(mefc=False)"
+        return ""
