@@ -372,3 +372,15 @@ def test_native_cuda_is_deterministic_and_gradchecks():
         assert torch.equal(a, b), f"{name} differs between runs"
     small = [t.requires_grad_() for t in make_inputs((2, 6, 4, 5), torch.float64, device="cuda")]
     assert torch.autograd.gradcheck(fn, small, eps=1e-6, atol=1e-7)
+
+
+@requires_native
+def test_use_backend_triton_runs_the_op_on_its_usual_order():
+    """No Triton kernels yet: a model moved with use_backend("triton") still runs its MSFN core
+    (on native here), while an explicit backend="triton" says why it cannot."""
+    inputs = make_inputs((1, 6, 5, 5), torch.float64)
+    with sparse_attn.use_backend("triton"):
+        out = sparse_attn.mixed_scale_dwconv(*inputs)
+    torch.testing.assert_close(out, reference(*inputs), rtol=1e-12, atol=1e-12)
+    with sparse_attn.use_backend("triton"), pytest.raises(backends.BackendUnavailable, match="no Triton kernels"):
+        sparse_attn.mixed_scale_dwconv(*inputs, backend="triton")
