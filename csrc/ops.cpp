@@ -22,4 +22,17 @@ TORCH_LIBRARY(sparse_attn, m) {
       "Tensor temperature, Tensor weights, Tensor gram, Tensor q_norm, Tensor k_norm, "
       "int[] topk, int[] activation) "
       "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_temperature, Tensor grad_weights)");
+
+  // Mixed-scale depthwise core of DRSformer's MSFN (DESIGN.md §2). x: (B, 2h, H, W); w3: (2h,1,3,3),
+  // w5: (2h,1,5,5), w3_1: (h,2,3,3), w5_1: (h,2,5,5); biases (2h,) / (h,) or None.
+  // The backward recomputes the first stage from x; `out` gives the second stage's relu mask. It
+  // returns the gradients of x, w3, w5, w3_1, w5_1, b3, b5, b3_1, b5_1 (bias gradients always).
+  m.def(
+      "mixed_scale_dwconv_forward(Tensor x, Tensor w3, Tensor w5, Tensor w3_1, Tensor w5_1, "
+      "Tensor? b3, Tensor? b5, Tensor? b3_1, Tensor? b5_1) -> Tensor");
+  m.def(
+      "mixed_scale_dwconv_backward(Tensor grad_out, Tensor x, Tensor out, Tensor w3, Tensor w5, "
+      "Tensor w3_1, Tensor w5_1, Tensor? b3, Tensor? b5) "
+      "-> (Tensor grad_x, Tensor grad_w3, Tensor grad_w5, Tensor grad_w3_1, Tensor grad_w5_1, "
+      "Tensor grad_b3, Tensor grad_b5, Tensor grad_b3_1, Tensor grad_b5_1)");
 }

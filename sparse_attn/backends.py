@@ -97,14 +97,18 @@ def resolve(requested, tensor, **capabilities):
     with the reason when an explicitly requested backend cannot run."""
     if requested != "auto" and requested not in BACKENDS:
         raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {requested!r}")
+    forced = requested == "auto" and _forced_backend != "auto"
     if requested == "auto":
         requested = _forced_backend
     device_type = tensor.device.type
     if requested != "auto":
         reason = why_unavailable(requested, device_type, tensor.dtype, **capabilities)
-        if reason is not None:
+        if reason is None:
+            return requested
+        # `use_backend("triton")` moves a whole model; its ops that have no Triton kernels at all
+        # run on the device's usual order instead (an explicit backend= still raises).
+        if not (forced and requested == "triton" and capabilities.get("triton_ready", True) is False):
             raise BackendUnavailable(f"backend {requested!r} cannot run here: {reason}")
-        return requested
     order = ("triton", "native", "reference") if device_type == "cuda" else ("native", "reference")
     for name in order:
         if why_unavailable(name, device_type, tensor.dtype, **capabilities) is None:
@@ -128,7 +132,8 @@ def available(device=None):
 @contextlib.contextmanager
 def use_backend(name):
     """Run every op (and every model and module left at ``backend="auto"``) on backend ``name``
-    inside the block. An explicit ``backend=`` argument still wins."""
+    inside the block; an op that has no Triton kernels yet runs on its usual order under
+    ``use_backend("triton")``. An explicit ``backend=`` argument still wins."""
     global _forced_backend
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {name!r}")

@@ -1,7 +1,7 @@
 """Feed-forward modules with the parameter names of the official networks."""
-import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ..ops import mixed_scale_dwconv
 
 
 class MixedScaleFFN(nn.Module):
@@ -9,6 +9,8 @@ class MixedScaleFFN(nn.Module):
 
     project_in (1x1, dim -> 2h) -> depthwise 3x3 and 5x5 + ReLU -> channel-shuffled grouped
     3x3 and 5x5 + ReLU -> project_out (1x1, 2h -> dim), with h = int(dim * ffn_expansion_factor).
+    The 1x1 projections are plain convolutions; everything between them is the fused
+    :func:`sparse_attn.mixed_scale_dwconv` on ``backend`` ("auto" follows ``use_backend``).
     """
 
     def __init__(self, dim, ffn_expansion_factor, bias, backend="auto"):
@@ -27,12 +29,9 @@ class MixedScaleFFN(nn.Module):
         self.project_out = nn.Conv2d(hidden * 2, dim, kernel_size=1, bias=bias)
 
     def _mixed_scale_core(self, x):
-        # The official sequence; to be replaced by the fused mixed_scale_dwconv op.
-        x1_3, x2_3 = F.relu(self.dwconv3x3(x)).chunk(2, dim=1)
-        x1_5, x2_5 = F.relu(self.dwconv5x5(x)).chunk(2, dim=1)
-        x1 = F.relu(self.dwconv3x3_1(torch.cat([x1_3, x1_5], dim=1)))
-        x2 = F.relu(self.dwconv5x5_1(torch.cat([x2_3, x2_5], dim=1)))
-        return torch.cat([x1, x2], dim=1)
+        return mixed_scale_dwconv(x, self.dwconv3x3.weight, self.dwconv5x5.weight, self.dwconv3x3_1.weight,
+                                  self.dwconv5x5_1.weight, self.dwconv3x3.bias, self.dwconv5x5.bias,
+                                  self.dwconv3x3_1.bias, self.dwconv5x5_1.bias, backend=self.backend)
 
     def forward(self, x):
         return self.project_out(self._mixed_scale_core(self.project_in(x)))
