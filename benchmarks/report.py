@@ -2,6 +2,7 @@
 import csv
 import dataclasses
 import datetime
+import io
 import os
 import platform
 import subprocess
@@ -116,10 +117,9 @@ def render_table(rows, title):
                          overflow="fold", max_width=60 if name == "note" else None)
     for line in body:
         table.add_row(*line)
-    console = Console(record=True, width=250)
-    with console.capture():
-        console.print(table)
-    return console.export_text()
+    console = Console(file=io.StringIO(), width=250, color_system=None)
+    console.print(table)
+    return console.file.getvalue()
 
 
 def _plain_table(title, body):

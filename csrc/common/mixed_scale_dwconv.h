@@ -11,11 +11,11 @@
 // per input channel without two tasks ever writing the same value.
 #pragma once
 
+#include "common/host_device.h"
+
 #if defined(__CUDACC__)
-#define SA_HOST_DEVICE __host__ __device__
 #define MSDW_UNROLL _Pragma("unroll")
 #else
-#define SA_HOST_DEVICE
 #define MSDW_UNROLL _Pragma("GCC unroll 8")
 #endif
 

@@ -8,11 +8,7 @@
 
 #include <math.h>
 
-#if defined(__CUDACC__)
-#define SA_HOST_DEVICE __host__ __device__
-#else
-#define SA_HOST_DEVICE
-#endif
+#include "common/host_device.h"
 
 namespace sparse_attn {
 namespace sca {
