@@ -41,9 +41,9 @@ def spec(model, mode, side, compile=True, peak=False, timed=True):
 def default_specs(sweep):
     """The full networks are slow on a small CPU (DRSformer's training step takes about a minute at
     64² on 2 busy cores, several at 128²), so:
-    quick: DRSformer's training step at 64², every model's inference at 128², not compiled;
-        DRSformer's inference peak memory at 64² and 128² (the largest-image estimate is drawn
-        through them);
+    quick: DRSformer's and DSGformer's training steps at 64², every model's inference at 128²,
+        not compiled; their inference peak memory at 128², and DRSformer's at 64² (the
+        largest-image estimate is drawn through DRSformer's two);
     targets: issue 5's shapes: DRSformer's training step at 128², its inference peak memory at
         256² and 512²;
     full: training steps at 128² and 256², inference at 256² and 512², everything compiled and
@@ -55,8 +55,8 @@ def default_specs(sweep):
     if sweep == "targets":
         return [spec("DRSformer", "train", 128, compile=False),
                 *(spec("DRSformer", "inference", side, compile=False, peak=True, timed=False) for side in (256, 512))]
-    specs = [spec("DRSformer", "train", 64, compile=False)]
-    specs += [spec(m, "inference", 128, compile=False, peak=m == "DRSformer") for m in MODELS]
+    specs = [spec(m, "train", 64, compile=False) for m in ("DRSformer", "DSGformer")]
+    specs += [spec(m, "inference", 128, compile=False, peak=m in ("DRSformer", "DSGformer")) for m in MODELS]
     return specs + [spec("DRSformer", "inference", 64, compile=False, peak=True, timed=False)]
 
 
