@@ -4,14 +4,17 @@ CVPR 2023) on the library's modules, with the official module and parameter name
 Every sparse transformer block runs :class:`sparse_attn.nn.TopKChannelAttention` (TKSA) and
 :class:`sparse_attn.nn.MixedScaleFFN` (MSFN), so :func:`sparse_attn.use_backend` moves the whole
 network between backends. The mixture-of-experts feature compensator (MEFC, the official
-``subnet``) is plain PyTorch convolutions: it has no attention or feed-forward block.
+``subnet``) is plain PyTorch convolutions: it has no attention or feed-forward block, but off the
+``reference`` backend it runs in a memory-lean form (see :class:`MEFC`).
 """
 import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from sparse_attn import backends
 from sparse_attn.nn import MixedScaleFFN, TopKChannelAttention
 
 from .common import RestorationUNet, TransformerBlock
@@ -80,10 +83,20 @@ class OperationLayer(nn.Module):
         self._ops = nn.ModuleList(_expert_operations(channels))
         self._out = nn.Sequential(nn.Conv2d(channels * NUM_EXPERTS, channels, 1, bias=False), nn.ReLU())
 
-    def forward(self, x, weights):
-        """weights: (B, NUM_EXPERTS)."""
-        states = [op(x) * weights[:, i].reshape(-1, 1, 1, 1) for i, op in enumerate(self._ops)]
-        return self._out(torch.cat(states, dim=1))
+    def forward(self, x, weights, lean=False):
+        """weights: (B, NUM_EXPERTS). lean: sum the experts' shares of the 1x1 instead of
+        concatenating their outputs (the same sum, in another order), so that one expert's
+        output is alive at a time rather than all eight and their concatenation."""
+        scales = [weights[:, i].reshape(-1, 1, 1, 1) for i in range(len(self._ops))]
+        if not lean:
+            return self._out(torch.cat([op(x) * s for op, s in zip(self._ops, scales)], dim=1))
+        conv = self._out[0]
+        shares = conv.weight.split(x.shape[1], dim=1)  # the 1x1's input channels, expert by expert
+        out = None
+        for op, scale, share in zip(self._ops, scales, shares):
+            term = F.conv2d(op(x) * scale, share)
+            out = term if out is None else out.add_(term)  # no autograd node needs a term back
+        return self._out[1](out)
 
 
 class GroupOLs(nn.Module):
@@ -95,11 +108,11 @@ class GroupOLs(nn.Module):
         self._steps = steps
         self._ops = nn.ModuleList(OperationLayer(channels) for _ in range(steps))
 
-    def forward(self, x, weights):
-        """weights: (B, steps, NUM_EXPERTS)."""
+    def forward(self, x, weights, lean=False):
+        """weights: (B, steps, NUM_EXPERTS); lean: see OperationLayer."""
         x = self.preprocess(x)
         for i, layer in enumerate(self._ops):
-            x = F.relu(layer(x, weights[:, i, :]) + x)
+            x = F.relu(layer(x, weights[:, i, :], lean) + x)
         return x
 
 
@@ -122,11 +135,22 @@ class MEFC(nn.Module):
     ``layer_num`` times: an OALayer computes softmax weights over the eight experts for each of
     ``steps`` steps from the pooled input, and a GroupOLs applies them. ``layers`` alternates
     OALayer and GroupOLs, as upstream.
+
+    MEFC works at full resolution with eight experts, so upstream's form is DRSformer's largest
+    memory cost: the no-grad peak of the whole network (all eight expert outputs and their
+    concatenation alive at once) and about 40% of what a training step saves for backward
+    (every expert's intermediates). On any backend but ``reference`` (``backend`` resolved as
+    the ops resolve theirs) it runs a lean form with the same result up to rounding:
+    the experts are summed through their shares of the output 1x1 one at a time, and in training
+    the whole compensator is recomputed in backward (activation checkpointing), so that autograd
+    keeps only its input. That costs one more MEFC forward per training step. The ``reference``
+    backend runs upstream's form.
     """
 
-    def __init__(self, dim, layer_num=1, steps=4):
+    def __init__(self, dim, layer_num=1, steps=4, backend="auto"):
         super().__init__()
         self._C, self._layer_num, self._steps = dim, layer_num, steps
+        self.backend = backend
         self.num_ops = NUM_EXPERTS
         self.layers = nn.ModuleList()
         for _ in range(layer_num):
@@ -134,9 +158,16 @@ class MEFC(nn.Module):
             self.layers.append(GroupOLs(steps, dim))
 
     def forward(self, x):
+        if backends.resolve(self.backend, x) == "reference":
+            return self._compensate(x, lean=False)
+        if torch.is_grad_enabled():
+            return checkpoint(self._compensate, x, True, use_reentrant=False)
+        return self._compensate(x, lean=True)
+
+    def _compensate(self, x, lean):
         for i in range(0, len(self.layers), 2):
             weights = F.softmax(self.layers[i](x), dim=-1)
-            x = self.layers[i + 1](x, weights)
+            x = self.layers[i + 1](x, weights, lean)
         return x
 
 
@@ -168,8 +199,8 @@ class DRSformer(RestorationUNet):
             attention=functools.partial(TopKChannelAttention, backend=backend),
             feedforward=functools.partial(MixedScaleFFN, backend=backend))
         super().__init__(inp_channels, out_channels, dim, num_blocks, heads, bias, block,
-                         stem=functools.partial(MEFC, dim) if mefc else None,
-                         refinement=functools.partial(MEFC, int(dim * 2 ** 1)) if mefc else None)
+                         stem=functools.partial(MEFC, dim, backend=backend) if mefc else None,
+                         refinement=functools.partial(MEFC, int(dim * 2 ** 1), backend=backend) if mefc else None)
         self.mefc = mefc
 
     def _config_summary(self):
