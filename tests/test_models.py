@@ -266,6 +266,19 @@ def test_lean_mefc_saves_only_its_input_for_backward(backend):
     assert upstream > 100 * x.nbytes  # the eight experts' intermediates
 
 
+@pytest.mark.parametrize("backend", LEAN_BACKENDS)
+def test_lean_mefc_compiles_with_gradients(backend):
+    mefc, x = _mefc_and_input()
+    with sparse_attn.use_backend(backend):
+        compiled = torch.compile(mefc, fullgraph=True, backend="aot_eager")
+        out = compiled(x)
+        grad = torch.autograd.grad(out.square().sum(), x)[0]
+        expected = mefc(x)
+        expected_grad = torch.autograd.grad(expected.square().sum(), x)[0]
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------
 # The new nn modules
 # ---------------------------------------------------------------------------------------------
