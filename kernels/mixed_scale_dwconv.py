@@ -122,7 +122,7 @@ def _first_stage(planes, taps, bias, rows, cols, in_image, height, width, K: tl.
     taps, row-major, as F.conv2d (a cross-correlation) reads them."""
     TAPS: tl.constexpr = _taps_per_step(K, ALL_TAPS)
     acc = bias + tl.zeros(in_image.shape, tl.float32)
-    for first in tl.static_range(0, K * K, TAPS):
+    for first in range(0, K * K, TAPS):
         x, t, t_ok = _shifted(planes, rows, cols, height, width, in_image, first, K, TAPS)
         w = tl.load(taps + t, mask=t_ok, other=0.0).to(tl.float32)
         acc += tl.sum(w * x, axis=0, keep_dims=True)
@@ -148,7 +148,7 @@ def _add_slot(acc, x_ptr, w1_ptr, b1_ptr, w2_ptr, scratch, frame, batch, group, 
     tl.debug_barrier()  # the shifted reads below cross the threads that wrote the scratch
     TAPS2: tl.constexpr = _taps_per_step(K2, ALL_TAPS)
     taps2 = w2_ptr + (group * 2 + slot) * (K2 * K2)
-    for first in tl.static_range(0, K2 * K2, TAPS2):
+    for first in range(0, K2 * K2, TAPS2):
         y_shifted, t, t_ok = _scratch_shifted(scratch, frame, in_tile, first, K2, TAPS2, FRAME_W)
         w = tl.load(taps2 + t, mask=t_ok, other=0.0).to(tl.float32)
         acc += tl.sum(w * y_shifted, axis=0, keep_dims=True)
@@ -180,7 +180,7 @@ def _backward_map(grad_x, grad_out_ptr, x_planes, out_ptr, w1_ptr, b1_ptr, w2_pt
     o_offset = (batch * channels + (hidden if K2 == 5 else 0) + group).to(tl.int64) * height * width
     taps2 = w2_ptr + (group * 2 + slot) * (K2 * K2)
     dy = tl.zeros(in_image.shape, tl.float32)
-    for first in tl.static_range(0, K2 * K2, TAPS2):  # the transposed convolution: taps flipped
+    for first in range(0, K2 * K2, TAPS2):  # the transposed convolution: taps flipped
         g, t, t_ok = _shifted(grad_out_ptr + o_offset, rows, cols, height, width, in_image, first, K2, TAPS2)
         alive, _, _ = _shifted(out_ptr + o_offset, rows, cols, height, width, in_image, first, K2, TAPS2)
         w = tl.load(taps2 + (K2 * K2 - 1 - t), mask=t_ok, other=0.0).to(tl.float32)
@@ -195,7 +195,7 @@ def _backward_map(grad_x, grad_out_ptr, x_planes, out_ptr, w1_ptr, b1_ptr, w2_pt
     g = tl.load((grad_out_ptr + o_offset) + pixels, mask=in_tile, other=0.0).to(tl.float32)
     dz = tl.where(tl.load((out_ptr + o_offset) + pixels, mask=in_tile, other=0.0) > 0.0, g, 0.0)
     w2_entries = partial + 34 * channels + (18 * hidden if K2 == 5 else 0) + (group * 2 + slot) * (K2 * K2)
-    for first in tl.static_range(0, K2 * K2, TAPS2):
+    for first in range(0, K2 * K2, TAPS2):
         y_shifted, t, t_ok = _scratch_shifted(scratch_y, frame, in_tile, first, K2, TAPS2, FRAME_W)
         dw2 = tl.sum(tl.sum(dz * y_shifted, axis=3, keep_dims=True), axis=2, keep_dims=True)
         tl.store(w2_entries + t, dw2, mask=lane_ok & t_ok)
@@ -206,14 +206,14 @@ def _backward_map(grad_x, grad_out_ptr, x_planes, out_ptr, w1_ptr, b1_ptr, w2_pt
 
     dy_tile = tl.where(in_tile, dy, 0.0)
     w1_entries = partial + (9 * channels if K1 == 5 else 0) + c * (K1 * K1)
-    for first in tl.static_range(0, K1 * K1, TAPS1):
+    for first in range(0, K1 * K1, TAPS1):
         x_shifted, t, t_ok = _shifted(x_planes, rows, cols, height, width, in_tile, first, K1, TAPS1)
         dw1 = tl.sum(tl.sum(dy_tile * x_shifted, axis=3, keep_dims=True), axis=2, keep_dims=True)
         tl.store(w1_entries + t, dw1, mask=lane_ok & t_ok)
     db1 = tl.sum(tl.sum(dy_tile, axis=3, keep_dims=True), axis=2, keep_dims=True)
     tl.store(partial + 34 * channels + 68 * hidden + (channels if K1 == 5 else 0) + c, db1, mask=lane_ok)
 
-    for first in tl.static_range(0, K1 * K1, TAPS1):  # the transposed convolution: taps flipped
+    for first in range(0, K1 * K1, TAPS1):  # the transposed convolution: taps flipped
         dy_shifted, t, t_ok = _scratch_shifted(scratch_dy, frame, in_tile, first, K1, TAPS1, FRAME_W)
         w = tl.load(taps1 + (K1 * K1 - 1 - t), mask=t_ok, other=0.0).to(tl.float32)
         grad_x += tl.sum(w * dy_shifted, axis=0, keep_dims=True)
@@ -323,15 +323,19 @@ def sum_partials_kernel(partial_ptr, sums_ptr, rows, total, BLOCK: tl.constexpr)
 # ---------------------------------------------------------------------------------------------
 # Launch configurations: the one place that chooses block sizes (launchers and AOT tests)
 # ---------------------------------------------------------------------------------------------
-# On a GPU a program holds one channel's 32 x 64 frame (its 28 x 60 tile is 82% of the frame).
-# The interpreter (CPU tensors) runs the same kernels with 16 channels of 16 x 16 frames: it
-# pays per operation, not per element, and test images are small. Programs are persistent:
-# on a GPU enough of them to fill any current one several times over (the scratch is then
-# 8 KB per program and map); in the interpreter programs run one after another, and a few of
-# them exercise the striding over items.
+# On a GPU a program holds one channel's 32 x 64 frame (its 28 x 60 tile is 82% of the frame) in
+# 8 warps. Unconstrained, ptxas gives the backward 255 registers (one block of 256 threads per
+# SM); capped at 128 it spills ~50 bytes and two blocks fit. (Chosen from ptxas's figures: no GPU
+# was at hand to time either.) The interpreter (CPU tensors) runs the same kernels with 16
+# channels of 16 x 16 frames and all taps at once: it pays per operation, not per element, and
+# test images are small. Programs are persistent: on a GPU enough of them to fill any current
+# one several times over (the scratch is then 8 KB per program and map); in the interpreter
+# programs run one after another, and a few of them exercise the striding over items.
 BLOCKS = {
-    "cuda": {"CHANNELS": 1, "FRAME_H": 32, "FRAME_W": 64, "ALL_TAPS": False, "programs": 1024, "num_warps": 4},
-    "cpu": {"CHANNELS": 16, "FRAME_H": 16, "FRAME_W": 16, "ALL_TAPS": True, "programs": 3, "num_warps": 4},
+    "cuda": {"CHANNELS": 1, "FRAME_H": 32, "FRAME_W": 64, "ALL_TAPS": False, "programs": 1024, "num_warps": 8,
+             "backward_maxnreg": 128},
+    "cpu": {"CHANNELS": 16, "FRAME_H": 16, "FRAME_W": 16, "ALL_TAPS": True, "programs": 3, "num_warps": 4,
+            "backward_maxnreg": None},
 }
 
 
@@ -343,10 +347,13 @@ def _constexprs(blocks):
     return {name: blocks[name] for name in ("CHANNELS", "FRAME_H", "FRAME_W", "ALL_TAPS")}
 
 
-def _options(blocks):
+def _options(blocks, backward=False):
     # num_stages=1: no software pipelining, which could move a scratch read of the persistent
     # loop across the barrier that orders it after the writes.
-    return {"num_warps": blocks["num_warps"], "num_stages": 1}
+    options = {"num_warps": blocks["num_warps"], "num_stages": 1}
+    if backward and blocks["backward_maxnreg"] is not None:
+        options["maxnreg"] = blocks["backward_maxnreg"]
+    return options
 
 
 def _forward_ranges(hidden):
@@ -380,7 +387,7 @@ def launch_configurations():
             cx = {"K2": k2, **_constexprs(blocks)}
             configs.append((mixed_scale_dwconv_backward_kernel,
                             aot_signature(mixed_scale_dwconv_backward_kernel, cx, backward_types), cx,
-                            _options(blocks)))
+                            _options(blocks, backward=True)))
     cx = {"BLOCK": _SUM_BLOCK}
     configs.append((sum_partials_kernel, aot_signature(sum_partials_kernel, cx, {}), cx, {"num_warps": 4}))
     return configs
@@ -447,7 +454,7 @@ def backward(grad_out, x, out, w3, w5, w3_1, w5_1, b3, b5):
                grad_out, x, out, *(w.contiguous() for w in (w3, w5, w3_1, w5_1)),
                _bias_or_zeros(b3, channels, x), _bias_or_zeros(b5, channels, x), grad_x, partial, scratch,
                channels, height, width, tiles_w, tiles, items,
-               K2=k2, **_constexprs(blocks), **_options(blocks))
+               K2=k2, **_constexprs(blocks), **_options(blocks, backward=True))
     sums = x.new_empty((total,), dtype=torch.float32)
     launch(sum_partials_kernel, (triton.cdiv(total, _SUM_BLOCK),), partial, sums, batch * tiles, total,
            BLOCK=_SUM_BLOCK, num_warps=4)

@@ -17,6 +17,8 @@ from .. import backends
 from ..reference import mixed_scale_dwconv as reference_mixed_scale_dwconv
 
 try:
+    import triton
+
     from ..kernels import mixed_scale_dwconv as triton_kernels
 except ImportError:  # no Triton here: backends.why_unavailable says so when "triton" is asked for
     triton_kernels = None
@@ -147,15 +149,21 @@ if backends.why_unavailable("native", "cpu", op=_NATIVE_OP) is None:
                                     setup_context=_setup_context)
 
 if triton_kernels is not None:
-    # triton_op derives the fake implementations by running these functions on fake tensors,
-    # and lets torch.compile see the kernels the launchers start through wrap_triton.
-    @torch.library.triton_op(f"sparse_attn::{_TRITON_FORWARD}", mutates_args=())
+    # Compiled kernels: triton_op derives the fake implementations by running these functions on
+    # fake tensors, and lets torch.compile see the kernels the launchers start through
+    # wrap_triton. The interpreter's kernels (TRITON_INTERPRET=1) cannot be traced into a graph:
+    # there the ops are opaque custom ops with the native op's fake implementations, which
+    # torch.compile calls as they are.
+    _kernels_compiled = isinstance(triton_kernels.mixed_scale_dwconv_forward_kernel, triton.runtime.JITFunction)
+    _define = torch.library.triton_op if _kernels_compiled else torch.library.custom_op
+
+    @_define(f"sparse_attn::{_TRITON_FORWARD}", mutates_args=())
     def _triton_forward(x: torch.Tensor, w3: torch.Tensor, w5: torch.Tensor, w3_1: torch.Tensor,
                         w5_1: torch.Tensor, b3: Optional[torch.Tensor], b5: Optional[torch.Tensor],
                         b3_1: Optional[torch.Tensor], b5_1: Optional[torch.Tensor]) -> torch.Tensor:
         return triton_kernels.forward(x, w3, w5, w3_1, w5_1, b3, b5, b3_1, b5_1)
 
-    @torch.library.triton_op(f"sparse_attn::{_TRITON_BACKWARD}", mutates_args=())
+    @_define(f"sparse_attn::{_TRITON_BACKWARD}", mutates_args=())
     def _triton_backward(grad_out: torch.Tensor, x: torch.Tensor, out: torch.Tensor, w3: torch.Tensor,
                          w5: torch.Tensor, w3_1: torch.Tensor, w5_1: torch.Tensor, b3: Optional[torch.Tensor],
                          b5: Optional[torch.Tensor]
@@ -163,5 +171,8 @@ if triton_kernels is not None:
                                     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return triton_kernels.backward(grad_out, x, out, w3, w5, w3_1, w5_1, b3, b5)
 
+    if not _kernels_compiled:
+        torch.library.register_fake(f"sparse_attn::{_TRITON_FORWARD}", _fake_forward)
+        torch.library.register_fake(f"sparse_attn::{_TRITON_BACKWARD}", _fake_backward)
     torch.library.register_autograd(f"sparse_attn::{_TRITON_FORWARD}", _backward_with(_triton_backward),
                                     setup_context=_setup_context)
