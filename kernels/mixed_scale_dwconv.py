@@ -7,19 +7,21 @@ launchers.
 
 The image is cut into tiles of (FRAME_H - 2·HALO) x (FRAME_W - 2·HALO) pixels; a program works on
 a tile's frame, the tile plus HALO = 2 pixels (the largest second-stage radius) on each side, as
-one (FRAME_H, FRAME_W) block. Every first-stage map is read by exactly one output channel (see
-csrc/common/mixed_scale_dwconv.h, whose mapping `_source_of` and `_consumer_of` repeat), so:
+one (FRAME_H, FRAME_W) block per channel, CHANNELS channels at a time. Every first-stage map is
+read by exactly one output channel (the mapping of csrc/common/mixed_scale_dwconv.h), so:
 
-  forward   one item per (batch, output channel o, tile): for each of o's two input slots, the
-            first-stage map on the whole frame straight from x (masked loads, zero outside the
-            image), then the second stage on the tile; out is written once.
-  backward  one item per (batch, input channel c, tile): for y3[c] and y5[c] in turn, recompute
-            the map on the frame, take the gradient of its one reader back through the second
-            stage (dz = grad_out·[out > 0] read from memory at every tap, so the frame needs no
-            wider halo) and the map's relu, then into dx, which only this item writes. Weight
-            and bias gradients are the item's sums over its tile, stored as one partial per
-            (batch, tile) and parameter entry; `sum_partials_kernel` adds them in row order.
-            No atomics: the bits never depend on scheduling.
+  forward   one item per (batch, CHANNELS output channels, tile): for each of the two input
+            slots, the first-stage map on the whole frame straight from x (masked loads, zero
+            outside the image), then the second stage on the tile; out is written once. The
+            launcher splits the output groups by which convolutions (y3 or y5) their slots read,
+            so that the kernel sizes are compile-time constants.
+  backward  one item per (batch, CHANNELS input channels c, tile): for y3[c] and y5[c] in turn,
+            recompute the map on the frame, take the gradient of its one reader back through the
+            second stage (dz = grad_out·[out > 0] read from memory at every tap, so the frame
+            needs no wider halo) and the map's relu, then into dx, which only this item writes.
+            Weight and bias gradients are the item's sums over its tile, stored as one partial
+            per (batch, tile) and parameter entry; `sum_partials_kernel` adds them in row order.
+            No atomics: the bits never depend on scheduling or on the number of programs.
 
 The second stage reads each first-stage value at K2² shifted positions. A Triton block cannot be
 indexed at shifted positions (no register shuffles in the language), and recomputing the first
@@ -44,7 +46,8 @@ from ._launch import aot_signature, launch
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TRITON_TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-HALO = tl.constexpr(2)  # the second stage's largest radius (constexpr: kernels read it)
+_HALO = 2  # the second stage's largest radius
+HALO = tl.constexpr(_HALO)  # (constexpr: kernels read it)
 _SUM_BLOCK = 256
 
 
@@ -55,7 +58,9 @@ _SUM_BLOCK = 256
 # where a loop runs over the taps of a K x K kernel, one tap at a time on a GPU (ALL_TAPS off)
 # or all of them at once (padded to a power of two) in the interpreter, which pays per operation
 # and per helper call rather than per element. (For that reason, too, the kernels call few
-# helpers per item.) Tap t of a K x K kernel is the shift (t // K - K//2, t % K - K//2).
+# helpers per item.) Tap t of a K x K kernel is the shift (t // K - K//2, t % K - K//2). The tap
+# loops run at run time: unrolled, the backward's 25-tap loops and their reductions took ptxas
+# minutes per configuration.
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _frame_layout(CHANNELS: tl.constexpr, FRAME_H: tl.constexpr, FRAME_W: tl.constexpr):
@@ -326,21 +331,31 @@ def sum_partials_kernel(partial_ptr, sums_ptr, rows, total, BLOCK: tl.constexpr)
 # On a GPU a program holds one channel's 32 x 64 frame (its 28 x 60 tile is 82% of the frame) in
 # 8 warps. Unconstrained, ptxas gives the backward 255 registers (one block of 256 threads per
 # SM); capped at 128 it spills ~50 bytes and two blocks fit. (Chosen from ptxas's figures: no GPU
-# was at hand to time either.) The interpreter (CPU tensors) runs the same kernels with 16
-# channels of 16 x 16 frames and all taps at once: it pays per operation, not per element, and
-# test images are small. Programs are persistent: on a GPU enough of them to fill any current
-# one several times over (the scratch is then 8 KB per program and map); in the interpreter
-# programs run one after another, and a few of them exercise the striding over items.
-BLOCKS = {
-    "cuda": {"CHANNELS": 1, "FRAME_H": 32, "FRAME_W": 64, "ALL_TAPS": False, "programs": 1024, "num_warps": 8,
-             "backward_maxnreg": 128},
-    "cpu": {"CHANNELS": 16, "FRAME_H": 16, "FRAME_W": 16, "ALL_TAPS": True, "programs": 3, "num_warps": 4,
-            "backward_maxnreg": None},
-}
+# was at hand to time either.) Programs are persistent: enough of them to fill any current GPU
+# several times over; the scratch is then 8 KB per program and map.
+GPU_BLOCKS = {"CHANNELS": 1, "FRAME_H": 32, "FRAME_W": 64, "ALL_TAPS": False, "programs": 1024, "num_warps": 8,
+              "backward_maxnreg": 128}
 
 
-def _blocks(device):
-    return BLOCKS["cuda" if device.type == "cuda" else "cpu"]
+def interpreter_blocks(height, width, hidden):
+    """The blocks of the interpreter (CPU tensors), which pays per operation, not per element:
+    all taps at once, a frame as large as the image (up to 32 x 64) and as many channels as make
+    32K pixels (times 32 taps, Triton's largest block), so that an item does as much work as it
+    can. (The kernels run opaque there, so a choice by shape costs torch.compile nothing.)
+    Programs run one after another; a few of them exercise the striding over items."""
+    def fit(n, most):
+        return max(8, min(most, triton.next_power_of_2(n + 2 * _HALO)))
+
+    frame_h, frame_w = fit(height, 32), fit(width, 64)
+    channels = min(triton.next_power_of_2(hidden), 32768 // (frame_h * frame_w))
+    return {"CHANNELS": channels, "FRAME_H": frame_h, "FRAME_W": frame_w, "ALL_TAPS": True, "programs": 3,
+            "num_warps": 4, "backward_maxnreg": None}
+
+
+def _blocks(x):
+    if x.device.type == "cuda":
+        return GPU_BLOCKS
+    return interpreter_blocks(x.shape[2], x.shape[3], x.shape[1] // 2)
 
 
 def _constexprs(blocks):
@@ -371,7 +386,7 @@ _SLOT_KINDS = ((3, 3), (3, 5), (5, 5))
 
 def launch_configurations():
     """Every (kernel, signature, constexprs, options) the launchers below can choose on a GPU."""
-    blocks = BLOCKS["cuda"]
+    blocks = GPU_BLOCKS
     configs = []
     tensors = ("x_ptr", "w3_ptr", "w5_ptr", "w3_1_ptr", "w5_1_ptr", "b3_ptr", "b5_ptr")
     for dtype in DTYPES:
@@ -398,8 +413,8 @@ def launch_configurations():
 # ---------------------------------------------------------------------------------------------
 def _tiles(height, width, blocks):
     """(tiles per row, tiles) of an image."""
-    tiles_w = triton.cdiv(width, blocks["FRAME_W"] - 2 * HALO)
-    return tiles_w, triton.cdiv(height, blocks["FRAME_H"] - 2 * HALO) * tiles_w
+    tiles_w = triton.cdiv(width, blocks["FRAME_W"] - 2 * _HALO)
+    return tiles_w, triton.cdiv(height, blocks["FRAME_H"] - 2 * _HALO) * tiles_w
 
 
 def _bias_or_zeros(bias, size, like):
@@ -418,7 +433,7 @@ def forward(x, w3, w5, w3_1, w5_1, b3, b5, b3_1, b5_1):
     params = [w.contiguous() for w in (w3, w5, w3_1, w5_1)]
     params += [_bias_or_zeros(b, n, x) for b, n in ((b3, channels), (b5, channels), (b3_1, hidden), (b5_1, hidden))]
     out = torch.empty_like(x)
-    blocks = _blocks(x.device)
+    blocks = _blocks(x)
     tiles_w, tiles = _tiles(height, width, blocks)
     scratch = x.new_empty((blocks["programs"], blocks["CHANNELS"] * blocks["FRAME_H"] * blocks["FRAME_W"]),
                           dtype=torch.float32)
@@ -440,7 +455,7 @@ def backward(grad_out, x, out, w3, w5, w3_1, w5_1, b3, b5):
     grad_out = grad_out.to(x.dtype).contiguous()
     batch, channels, height, width = x.shape
     hidden = channels // 2
-    blocks = _blocks(x.device)
+    blocks = _blocks(x)
     tiles_w, tiles = _tiles(height, width, blocks)
     sizes = (channels * 9, channels * 25, hidden * 18, hidden * 50, channels, channels, hidden, hidden)
     total = sum(sizes)  # one row of the partial table: GradLayout, see the backward kernel

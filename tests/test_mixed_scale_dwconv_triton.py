@@ -18,11 +18,12 @@ TRITON_CPU = backends.why_unavailable("triton", "cpu")
 requires_triton_cpu = pytest.mark.skipif(TRITON_CPU is not None, reason=f"triton on CPU tensors: {TRITON_CPU}")
 triton_kernels = pytest.importorskip("sparse_attn.kernels.mixed_scale_dwconv", reason="Triton is not installed")
 
-# The interpreter's frames are 16 x 16 pixels (12 x 12 tiles) of 16 channels: next to the shapes
-# of the native tests (a 37 x 133 image would take the interpreter a minute, so a smaller one has
-# the ragged tiles), an even h (no output group reads both y3 and y5) and an image of several
-# tiles, batches and channel blocks at once (h = 19: ragged blocks in both halves).
-TRITON_SHAPES = [s for s in SHAPES if s[2] * s[3] <= 100] + [(1, 6, 14, 27), (1, 8, 6, 5), (2, 38, 13, 14)]
+# The interpreter's frames are as large as the image up to 32 x 64 pixels (28 x 60 tiles), of up to
+# 16 channels: next to the shapes of the native tests (a 37 x 133 image would take the
+# interpreter long), an image of 2 x 2 ragged tiles, an even h (no output group reads both y3
+# and y5) and several batches, tiles and channel blocks at once (h = 19: ragged blocks in both
+# halves).
+TRITON_SHAPES = [s for s in SHAPES if s[2] * s[3] <= 100] + [(1, 6, 30, 70), (1, 8, 6, 5), (2, 38, 30, 7)]
 
 
 def _triton(*args):
@@ -63,8 +64,17 @@ def test_float16_computes_in_float32():
 def test_the_gpu_configuration_in_the_interpreter(monkeypatch):
     """The block sizes a GPU runs (one channel of a 32 x 64 frame per item, one tap at a time),
     here in the interpreter on an image of 2 x 2 tiles."""
-    monkeypatch.setitem(triton_kernels.BLOCKS, "cpu", {**triton_kernels.BLOCKS["cuda"], "programs": 3})
+    monkeypatch.setattr(triton_kernels, "interpreter_blocks", lambda *_: {**triton_kernels.GPU_BLOCKS, "programs": 3})
     assert_close_to_reference("triton", (1, 2, 31, 61), torch.float32, bias=True)
+
+
+@requires_triton_cpu
+def test_several_channel_blocks_with_ragged_ends(monkeypatch):
+    """4 channels per item: h = 19 makes blocks of 4, 4 and 1 output groups in each launch of the
+    forward and 4 x 4 + 3 input channels in each half of the backward, over 2 batches x 2 tiles."""
+    blocks = triton_kernels.interpreter_blocks
+    monkeypatch.setattr(triton_kernels, "interpreter_blocks", lambda *shape: {**blocks(*shape), "CHANNELS": 4})
+    assert_close_to_reference("triton", (2, 38, 30, 7), torch.float32, bias=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,14 +82,15 @@ def test_the_gpu_configuration_in_the_interpreter(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 @requires_triton_cpu
 def test_gradients_are_deterministic_and_independent_of_the_grid(monkeypatch):
-    """Bit for bit across runs, and with 1 or 5 persistent programs sharing the items (partials
-    are per tile, not per program)."""
-    inputs = make_inputs((2, 6, 14, 27), torch.float32)
-    grad = torch.randn(2, 6, 14, 27)
+    """Bit for bit across runs with 3, 1 or 5 persistent programs sharing the items (partials
+    are per tile, not per program) on an image of two tiles."""
+    inputs = make_inputs((2, 6, 30, 9), torch.float32)
+    grad = torch.randn(2, 6, 30, 9)
     first = forward_and_grads(_triton, inputs, grad)
-    runs = [forward_and_grads(_triton, inputs, grad)]
+    runs = []
     for programs in (1, 5):
-        monkeypatch.setitem(triton_kernels.BLOCKS, "cpu", {**triton_kernels.BLOCKS["cpu"], "programs": programs})
+        monkeypatch.setattr(triton_kernels, "interpreter_blocks",
+                            lambda *shape, blocks=triton_kernels.interpreter_blocks: {**blocks(*shape), "programs": programs})
         runs.append(forward_and_grads(_triton, inputs, grad))
     for run in runs:
         assert torch.equal(run[0], first[0])
@@ -93,7 +104,7 @@ def test_gradients_are_deterministic_and_independent_of_the_grid(monkeypatch):
 @requires_triton_cpu
 @pytest.mark.parametrize("bias", [True, False])
 def test_opcheck(bias):
-    inputs = [t.requires_grad_() if t is not None else None for t in make_inputs((2, 6, 5, 7), torch.float32, bias)]
+    inputs = [t.requires_grad_() if t is not None else None for t in make_inputs((2, 2, 3, 4), torch.float32, bias)]
     torch.library.opcheck(torch.ops.sparse_attn.mixed_scale_dwconv_triton_forward.default, tuple(inputs))
     x, w3, w5, w3_1, w5_1, b3, b5, _, _ = [t.detach() if t is not None else None for t in inputs]
     out = torch.ops.sparse_attn.mixed_scale_dwconv_triton_forward(*[t.detach() if t is not None else None
