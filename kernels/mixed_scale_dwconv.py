@@ -77,19 +77,23 @@ def _frame_layout(CHANNELS: tl.constexpr, FRAME_H: tl.constexpr, FRAME_W: tl.con
 
 
 @triton.jit
-def _frame(item, tiles, tiles_w, channel_blocks, height, width, frame_rows, frame_cols, interior,
+def _frame(item, tiles, tiles_w, first, count, height, width, lanes, frame_rows, frame_cols, interior,
            CHANNELS: tl.constexpr, FRAME_H: tl.constexpr, FRAME_W: tl.constexpr):
-    """A persistent program's item: its batch, the index of its first channel within its
-    launch's range, its tile, the image rows and columns of the tile's frame, which frame pixels
-    lie in the image and which are the tile's own. Tiles vary fastest, so programs that run
-    together share the halos of neighbouring tiles in cache."""
+    """A persistent program's item of a launch over channels [first, first + count) (output
+    groups or input channels): its batch, tile, the image rows and columns of the tile's frame,
+    which frame pixels lie in the image and which are the tile's own, its lanes' channels and
+    which lanes are real. Lanes past the range compute on its last channel (valid addresses) and
+    store nothing. Tiles vary fastest, so programs that run together share the halos of
+    neighbouring tiles in cache."""
+    channel_blocks = (count + CHANNELS - 1) // CHANNELS
     tile = item % tiles
     block_start = ((item // tiles) % channel_blocks) * CHANNELS
     batch = item // (tiles * channel_blocks)
     rows = (tile // tiles_w) * (FRAME_H - 2 * HALO) - HALO + frame_rows
     cols = (tile % tiles_w) * (FRAME_W - 2 * HALO) - HALO + frame_cols
     in_image = ((rows >= 0) & (rows < height)) & ((cols >= 0) & (cols < width))
-    return batch, block_start, tile, rows, cols, in_image, in_image & interior
+    channel = first + tl.minimum(block_start + lanes, count - 1)
+    return batch, tile, rows, cols, in_image, in_image & interior, channel, block_start + lanes < count
 
 
 @triton.constexpr_function
@@ -245,15 +249,11 @@ def mixed_scale_dwconv_forward_kernel(x_ptr, w3_ptr, w5_ptr, w3_1_ptr, w5_1_ptr,
     w2_ptr = w5_1_ptr if K2 == 5 else w3_1_ptr
     pid = tl.program_id(0)
     scratch = scratch_ptr + pid.to(tl.int64) * (CHANNELS * FRAME_H * FRAME_W)
-    channel_blocks = (groups + CHANNELS - 1) // CHANNELS
     lanes, frame_rows, frame_cols, frame, interior = _frame_layout(CHANNELS, FRAME_H, FRAME_W)
     for item in range(pid, items, tl.num_programs(0)):
-        batch, block_start, tile, rows, cols, in_image, in_tile = _frame(
-            item, tiles, tiles_w, channel_blocks, height, width, frame_rows, frame_cols, interior,
+        batch, tile, rows, cols, in_image, in_tile, group, lane_ok = _frame(
+            item, tiles, tiles_w, first_group, groups, height, width, lanes, frame_rows, frame_cols, interior,
             CHANNELS, FRAME_H, FRAME_W)
-        lane_ok = block_start + lanes < groups
-        # Lanes past the range compute on the last group (valid addresses) and store nothing.
-        group = first_group + tl.minimum(block_start + lanes, groups - 1)
         acc = tl.load((b5_1_ptr if K2 == 5 else b3_1_ptr) + group).to(tl.float32) + tl.zeros(in_image.shape, tl.float32)
         acc = _add_slot(acc, x_ptr, w3_ptr if SLOT0_K1 == 3 else w5_ptr, b3_ptr if SLOT0_K1 == 3 else b5_ptr,
                         w2_ptr, scratch, frame, batch, group, 0, channels, height, width,
@@ -290,15 +290,11 @@ def mixed_scale_dwconv_backward_kernel(grad_out_ptr, x_ptr, out_ptr, w3_ptr, w5_
     pid = tl.program_id(0)
     scratch_y = scratch_ptr + pid.to(tl.int64) * (2 * CHANNELS * FRAME_H * FRAME_W)
     scratch_dy = scratch_y + CHANNELS * FRAME_H * FRAME_W
-    channel_blocks = (hidden + CHANNELS - 1) // CHANNELS
     lanes, frame_rows, frame_cols, frame, interior = _frame_layout(CHANNELS, FRAME_H, FRAME_W)
     for item in range(pid, items, tl.num_programs(0)):
-        batch, block_start, tile, rows, cols, in_image, in_tile = _frame(
-            item, tiles, tiles_w, channel_blocks, height, width, frame_rows, frame_cols, interior,
+        batch, tile, rows, cols, in_image, in_tile, c, lane_ok = _frame(
+            item, tiles, tiles_w, first_channel, hidden, height, width, lanes, frame_rows, frame_cols, interior,
             CHANNELS, FRAME_H, FRAME_W)
-        lane_ok = block_start + lanes < hidden
-        # Lanes past the half compute on its last channel (valid addresses) and store nothing.
-        c = first_channel + tl.minimum(block_start + lanes, hidden - 1)
         x_planes = x_ptr + (batch * channels + c).to(tl.int64) * height * width
         partial = partial_ptr + (batch * tiles + tile).to(tl.int64) * (36 * channels + 70 * hidden)
         grad_x = tl.zeros(in_image.shape, tl.float32)

@@ -76,3 +76,12 @@ def assert_close_to_reference(backend, shape, dtype, bias, device="cpu"):
         floor = 8 * eps * max(ref.abs().max().item(), 1.0)
         assert error <= 2 * ref_error.item() + floor, (
             f"{name}: error {error:.3g} vs the {dtype} reference's {ref_error.item():.3g} (floor {floor:.3g})")
+
+
+def opcheck_forward_and_backward(forward_op, backward_op, inputs):
+    """torch.library.opcheck of a forward op on `inputs` (x and the eight parameters, biases may
+    be None) and of its backward op on that forward's output."""
+    torch.library.opcheck(forward_op.default, tuple(inputs))
+    x, w3, w5, w3_1, w5_1, b3, b5, _, _ = detached = [t.detach() if t is not None else None for t in inputs]
+    out = forward_op(*detached)
+    torch.library.opcheck(backward_op.default, (torch.randn_like(out), x, out, w3, w5, w3_1, w5_1, b3, b5))

@@ -11,7 +11,8 @@ from sparse_attn import backends
 from sparse_attn.reference import mixed_scale_dwconv as reference
 
 from conftest import requires_cuda
-from mixed_scale_dwconv_cases import NAMES, SHAPES, assert_close_to_reference, forward_and_grads, make_inputs
+from mixed_scale_dwconv_cases import (NAMES, SHAPES, assert_close_to_reference, forward_and_grads, make_inputs,
+                                     opcheck_forward_and_backward)
 
 NATIVE_CPU = backends.why_unavailable("native", "cpu", op="mixed_scale_dwconv_forward")
 requires_native = pytest.mark.skipif(NATIVE_CPU is not None, reason=f"native backend: {NATIVE_CPU}")
@@ -52,11 +53,8 @@ def test_native_gradcheck(bias):
 @pytest.mark.parametrize("bias", [True, False])
 def test_opcheck(bias):
     inputs = [t.requires_grad_() if t is not None else None for t in make_inputs((2, 6, 5, 7), torch.float64, bias)]
-    torch.library.opcheck(torch.ops.sparse_attn.mixed_scale_dwconv_forward.default, tuple(inputs))
-    x, w3, w5, w3_1, w5_1, b3, b5, _, _ = [t.detach() if t is not None else None for t in inputs]
-    out = torch.ops.sparse_attn.mixed_scale_dwconv_forward(*[t.detach() if t is not None else None for t in inputs])
-    torch.library.opcheck(torch.ops.sparse_attn.mixed_scale_dwconv_backward.default,
-                          (torch.randn_like(out), x, out, w3, w5, w3_1, w5_1, b3, b5))
+    ops = torch.ops.sparse_attn
+    opcheck_forward_and_backward(ops.mixed_scale_dwconv_forward, ops.mixed_scale_dwconv_backward, inputs)
 
 
 @requires_native

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import sparse_attn
-from mixed_scale_dwconv_cases import NAMES, SHAPES, assert_close_to_reference, forward_and_grads, make_inputs
+from mixed_scale_dwconv_cases import (NAMES, SHAPES, assert_close_to_reference, forward_and_grads, make_inputs,
+                                     opcheck_forward_and_backward)
 from sparse_attn import backends
 from sparse_attn.reference import mixed_scale_dwconv as reference
 
@@ -88,9 +89,10 @@ def test_gradients_are_deterministic_and_independent_of_the_grid(monkeypatch):
     grad = torch.randn(2, 6, 30, 9)
     first = forward_and_grads(_triton, inputs, grad)
     runs = []
+    blocks = triton_kernels.interpreter_blocks
     for programs in (1, 5):
         monkeypatch.setattr(triton_kernels, "interpreter_blocks",
-                            lambda *shape, blocks=triton_kernels.interpreter_blocks: {**blocks(*shape), "programs": programs})
+                            lambda *shape: {**blocks(*shape), "programs": programs})
         runs.append(forward_and_grads(_triton, inputs, grad))
     for run in runs:
         assert torch.equal(run[0], first[0])
@@ -105,12 +107,8 @@ def test_gradients_are_deterministic_and_independent_of_the_grid(monkeypatch):
 @pytest.mark.parametrize("bias", [True, False])
 def test_opcheck(bias):
     inputs = [t.requires_grad_() if t is not None else None for t in make_inputs((2, 2, 3, 4), torch.float32, bias)]
-    torch.library.opcheck(torch.ops.sparse_attn.mixed_scale_dwconv_triton_forward.default, tuple(inputs))
-    x, w3, w5, w3_1, w5_1, b3, b5, _, _ = [t.detach() if t is not None else None for t in inputs]
-    out = torch.ops.sparse_attn.mixed_scale_dwconv_triton_forward(*[t.detach() if t is not None else None
-                                                                    for t in inputs])
-    torch.library.opcheck(torch.ops.sparse_attn.mixed_scale_dwconv_triton_backward.default,
-                          (torch.randn_like(out), x, out, w3, w5, w3_1, w5_1, b3, b5))
+    ops = torch.ops.sparse_attn
+    opcheck_forward_and_backward(ops.mixed_scale_dwconv_triton_forward, ops.mixed_scale_dwconv_triton_backward, inputs)
 
 
 @requires_triton_cpu
