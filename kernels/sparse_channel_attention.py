@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import aot_signature, launch
+
 NORM_EPS = tl.constexpr(1e-12)  # F.normalize's default (constexpr: kernels read it)
 MAX_D = 128
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -364,13 +366,6 @@ def _splits(bh, n, block_n):
     return triton.cdiv(n, split_len), split_len
 
 
-def _signature(kernel, constexprs, pointer_types):
-    """AOT signature: pointers typed from `pointer_types` (default fp32), other arguments i32."""
-    return {name: "constexpr" if name in constexprs
-            else "*" + pointer_types.get(name, "fp32") if name.endswith("_ptr") else "i32"
-            for name in kernel.arg_names}
-
-
 def launch_configurations():
     """Every (kernel, signature, constexprs, options) the launchers below can choose."""
     configs = []
@@ -382,37 +377,29 @@ def launch_configurations():
                 cx = {"D_PAD": d_pad, "BLOCK_N": cfg["BLOCK_N"], "WITH_NORMS": with_norms,
                       "DOT_PRECISION": _dot_precision(dtype)}
                 configs.append((gram_and_norms_kernel,
-                                _signature(gram_and_norms_kernel, cx, {"x_ptr": t, "y_ptr": t}),
+                                aot_signature(gram_and_norms_kernel, cx, {"x_ptr": t, "y_ptr": t}),
                                 cx, {"num_warps": cfg["num_warps"]}))
             cfg = _stream_config(d_pad, dtype)
             cx = {"D_PAD": d_pad, "BLOCK_N": cfg["BLOCK_N"], "K_CHUNK": cfg["K_CHUNK"],
                   "DOT_PRECISION": _dot_precision(dtype)}
             configs.append((attention_output_kernel,
-                            _signature(attention_output_kernel, cx, {"v_ptr": t, "out_ptr": t}),
+                            aot_signature(attention_output_kernel, cx, {"v_ptr": t, "out_ptr": t}),
                             cx, {"num_warps": cfg["num_warps"]}))
             configs.append((attention_input_grads_kernel,
-                            _signature(attention_input_grads_kernel, cx,
+                            aot_signature(attention_input_grads_kernel, cx,
                                        {name: t for name in ("q_ptr", "k_ptr", "dout_ptr", "dq_ptr", "dk_ptr", "dv_ptr")}),
                             cx, {"num_warps": cfg["num_warps"]}))
     for d_pad in _PAD_SIZES:  # the d x d stage works in fp32 whatever the inputs' dtype
         cfg = _matrix_config(d_pad)
         cx = {"D_PAD": d_pad, "BLOCK_ROWS": cfg["BLOCK_ROWS"]}
         for kernel in (attention_matrix_forward_kernel, attention_matrix_backward_kernel):
-            configs.append((kernel, _signature(kernel, cx, {"branch_ptr": "i32"}), cx, {"num_warps": cfg["num_warps"]}))
+            configs.append((kernel, aot_signature(kernel, cx, {"branch_ptr": "i32"}), cx, {"num_warps": cfg["num_warps"]}))
     return configs
 
 
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-def _launch(kernel, grid, *args, **kwargs):
-    # wrap_triton lets torch.compile (through torch.library.triton_op) see the kernel; it calls
-    # the kernel directly outside tracing, and the interpreter's kernels are launched as they are.
-    if isinstance(kernel, triton.runtime.JITFunction):
-        kernel = torch.library.wrap_triton(kernel)
-    kernel[grid](*args, **kwargs)
-
-
 def _rows_contiguous(x):
     """x itself when its last dimension is contiguous (any batch/head/row strides are passed to
     the kernels), else a contiguous copy."""
@@ -435,7 +422,7 @@ def _split_gram(x, y, with_norms):
     splits, split_len = _splits(bh, n, cfg["BLOCK_N"])
     gram_partial = x.new_empty((bh, splits, d, d), dtype=torch.float32)
     sq_partial = x.new_empty((bh, splits, 2, d) if with_norms else (1,), dtype=torch.float32)
-    _launch(gram_and_norms_kernel, (bh, splits), x, y, gram_partial, sq_partial, heads, d, n, split_len,
+    launch(gram_and_norms_kernel, (bh, splits), x, y, gram_partial, sq_partial, heads, d, n, split_len,
             *x.stride()[:3], *y.stride()[:3], D_PAD=d_pad, BLOCK_N=cfg["BLOCK_N"], WITH_NORMS=with_norms,
             DOT_PRECISION=_dot_precision(x.dtype), num_warps=cfg["num_warps"])
     return gram_partial, sq_partial, splits
@@ -457,12 +444,12 @@ def forward(q, k, v, temperature, weights, topk, activation):
     p = q.new_empty((bh, d, d), dtype=torch.float32)
     matrix = _matrix_config(d_pad)
     branch, weights32, temperature32 = _branch_table(topk, activation, weights, temperature)
-    _launch(attention_matrix_forward_kernel, (bh, triton.cdiv(d, matrix["BLOCK_ROWS"])),
+    launch(attention_matrix_forward_kernel, (bh, triton.cdiv(d, matrix["BLOCK_ROWS"])),
             gram_partial, sq_partial, temperature32, weights32, branch, gram, q_norm, k_norm, p, heads, d, splits, len(topk),
             D_PAD=d_pad, BLOCK_ROWS=matrix["BLOCK_ROWS"], num_warps=matrix["num_warps"])
     out = torch.empty((batch, heads, d, n), dtype=q.dtype, device=q.device)
     stream = _stream_config(d_pad, q.dtype)
-    _launch(attention_output_kernel, (bh, triton.cdiv(n, stream["BLOCK_N"])), p, v, out, heads, d, n,
+    launch(attention_output_kernel, (bh, triton.cdiv(n, stream["BLOCK_N"])), p, v, out, heads, d, n,
             *v.stride()[:3], D_PAD=d_pad, BLOCK_N=stream["BLOCK_N"], K_CHUNK=stream["K_CHUNK"],
             DOT_PRECISION=_dot_precision(q.dtype), num_warps=stream["num_warps"])
     return out, gram, q_norm, k_norm
@@ -487,7 +474,7 @@ def backward(grad_out, q, k, v, temperature, weights, gram, q_norm, k_norm, topk
     dtau_partial = q.new_empty((batch, heads, row_blocks), dtype=torch.float32)
     dw_partial = q.new_empty((bh * row_blocks, n_branches), dtype=torch.float32)
     branch, weights32, temperature32 = _branch_table(topk, activation, weights, temperature)
-    _launch(attention_matrix_backward_kernel, (bh, row_blocks),
+    launch(attention_matrix_backward_kernel, (bh, row_blocks),
             gram.contiguous(), dp_partial, temperature32, weights32, branch,
             q_norm.contiguous(), p, m, a_q, colsum_partial, dtau_partial, dw_partial,
             heads, d, splits, n_branches,
@@ -496,7 +483,7 @@ def backward(grad_out, q, k, v, temperature, weights, gram, q_norm, k_norm, topk
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
     stream = _stream_config(d_pad, q.dtype)
-    _launch(attention_input_grads_kernel, (bh, triton.cdiv(n, stream["BLOCK_N"])),
+    launch(attention_input_grads_kernel, (bh, triton.cdiv(n, stream["BLOCK_N"])),
             q, k, grad_out, m, p, a_q, colsum_partial, q_norm.contiguous(), k_norm.contiguous(), dq, dk, dv,
             heads, d, n, row_blocks, *q.stride()[:3], *k.stride()[:3], *grad_out.stride()[:3],
             D_PAD=d_pad, BLOCK_N=stream["BLOCK_N"], K_CHUNK=stream["K_CHUNK"],

@@ -83,7 +83,9 @@ CASES = cases()
 
 
 def test_every_kernel_module_lists_configurations():
-    assert "sparse_attn.kernels.sparse_channel_attention" in kernel_modules()
+    modules = kernel_modules()
+    assert "sparse_attn.kernels.sparse_channel_attention" in modules
+    assert "sparse_attn.kernels.mixed_scale_dwconv" in modules
     assert CASES
 
 

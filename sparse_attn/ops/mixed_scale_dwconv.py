@@ -5,17 +5,34 @@
     x1 = cat(y3[:, :h], y5[:, :h]),  x2 = cat(y3[:, h:], y5[:, h:])
     out = cat(relu(conv3x3(x1, groups=h)), relu(conv5x5(x2, groups=h)))
 
-The native kernels read x once per use and write out once: y3, y5, x1, x2 never exist in full.
-Backward saves x and out (which ``project_out`` saves anyway) and recomputes the first stage.
+The native and Triton kernels read x once per use and write out once: y3, y5, x1, x2 never exist
+in full. Backward saves x and out (which ``project_out`` saves anyway) and recomputes the first
+stage tile by tile.
 """
+from typing import Optional
+
 import torch
 
 from .. import backends
 from ..reference import mixed_scale_dwconv as reference_mixed_scale_dwconv
 
+try:
+    import triton
+
+    from ..kernels import mixed_scale_dwconv as triton_kernels
+except ImportError:  # no Triton here: backends.why_unavailable says so when "triton" is asked for
+    triton_kernels = None
+
 _NATIVE_OP = "mixed_scale_dwconv_forward"
+_NATIVE_BACKWARD = "mixed_scale_dwconv_backward"
+_TRITON_FORWARD = "mixed_scale_dwconv_triton_forward"
+_TRITON_BACKWARD = "mixed_scale_dwconv_triton_backward"
 _DTYPES = {
     "native": {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64)},
+    # On CPU tensors Triton is its interpreter, whose bf16 arithmetic is wrong (numpy has no
+    # bf16); the kernels compute in fp32 from any of the three on a GPU.
+    "triton": {"cpu": (torch.float32, torch.float16),
+               "cuda": (torch.float32, torch.float16, torch.bfloat16)},
 }
 _WEIGHT_NAMES = ("w3", "w5", "w3_1", "w5_1")
 _BIAS_NAMES = ("b3", "b5", "b3_1", "b5_1")
@@ -81,14 +98,16 @@ def mixed_scale_dwconv(x, w3, w5, w3_1, w5_1, b3=None, b5=None, b3_1=None, b5_1=
     """
     weights, biases = (w3, w5, w3_1, w5_1), (b3, b5, b3_1, b5_1)
     _check_arguments(x, weights, biases)
-    name = backends.resolve(backend, x, op=_NATIVE_OP, dtypes=_DTYPES, triton_ready=False)
+    name = backends.resolve(backend, x, op=_NATIVE_OP, dtypes=_DTYPES, triton_ready=triton_kernels is not None)
     if name == "reference":
         return reference_mixed_scale_dwconv(x, *weights, *biases)
-    return torch.ops.sparse_attn.mixed_scale_dwconv_forward(x, *weights, *biases)
+    forward_op = getattr(torch.ops.sparse_attn, _NATIVE_OP if name == "native" else _TRITON_FORWARD)
+    return forward_op(x, *weights, *biases)
 
 
 # ---------------------------------------------------------------------------------------------
-# Autograd and fake (meta) implementations of the native op
+# Autograd and fake (meta) implementations: the native op and the Triton op share the contract
+# (same inputs and output; x and out saved for backward), so they share the autograd formula.
 # ---------------------------------------------------------------------------------------------
 def _fake_forward(x, w3, w5, w3_1, w5_1, b3, b5, b3_1, b5_1):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -112,14 +131,48 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = tuple(b is not None for b in (b3, b5, b3_1, b5_1))
 
 
-def _backward(ctx, grad_out):
-    x, out, w3, w5, w3_1, w5_1, b3, b5 = ctx.saved_tensors
-    grads = torch.ops.sparse_attn.mixed_scale_dwconv_backward(grad_out, x, out, w3, w5, w3_1, w5_1, b3, b5)
-    bias_grads = tuple(g if given else None for g, given in zip(grads[5:], ctx.has_bias))
-    return (*grads[:5], *bias_grads)
+def _backward_with(backward_op):
+    """The autograd formula of a forward op whose backward is ``backward_op``."""
+    def backward(ctx, grad_out):
+        x, out, w3, w5, w3_1, w5_1, b3, b5 = ctx.saved_tensors
+        grads = backward_op(grad_out, x, out, w3, w5, w3_1, w5_1, b3, b5)
+        bias_grads = tuple(g if given else None for g, given in zip(grads[5:], ctx.has_bias))
+        return (*grads[:5], *bias_grads)
+    return backward
 
 
 if backends.why_unavailable("native", "cpu", op=_NATIVE_OP) is None:
     torch.library.register_fake(f"sparse_attn::{_NATIVE_OP}", _fake_forward)
-    torch.library.register_fake("sparse_attn::mixed_scale_dwconv_backward", _fake_backward)
-    torch.library.register_autograd(f"sparse_attn::{_NATIVE_OP}", _backward, setup_context=_setup_context)
+    torch.library.register_fake(f"sparse_attn::{_NATIVE_BACKWARD}", _fake_backward)
+    torch.library.register_autograd(f"sparse_attn::{_NATIVE_OP}",
+                                    _backward_with(getattr(torch.ops.sparse_attn, _NATIVE_BACKWARD)),
+                                    setup_context=_setup_context)
+
+if triton_kernels is not None:
+    # Compiled kernels: triton_op derives the fake implementations by running these functions on
+    # fake tensors, and lets torch.compile see the kernels the launchers start through
+    # wrap_triton. The interpreter's kernels (TRITON_INTERPRET=1) cannot be traced into a graph:
+    # there the ops are opaque custom ops with the native op's fake implementations, which
+    # torch.compile calls as they are.
+    _kernels_compiled = isinstance(triton_kernels.mixed_scale_dwconv_forward_kernel, triton.runtime.JITFunction)
+    _define = torch.library.triton_op if _kernels_compiled else torch.library.custom_op
+
+    @_define(f"sparse_attn::{_TRITON_FORWARD}", mutates_args=())
+    def _triton_forward(x: torch.Tensor, w3: torch.Tensor, w5: torch.Tensor, w3_1: torch.Tensor,
+                        w5_1: torch.Tensor, b3: Optional[torch.Tensor], b5: Optional[torch.Tensor],
+                        b3_1: Optional[torch.Tensor], b5_1: Optional[torch.Tensor]) -> torch.Tensor:
+        return triton_kernels.forward(x, w3, w5, w3_1, w5_1, b3, b5, b3_1, b5_1)
+
+    @_define(f"sparse_attn::{_TRITON_BACKWARD}", mutates_args=())
+    def _triton_backward(grad_out: torch.Tensor, x: torch.Tensor, out: torch.Tensor, w3: torch.Tensor,
+                         w5: torch.Tensor, w3_1: torch.Tensor, w5_1: torch.Tensor, b3: Optional[torch.Tensor],
+                         b5: Optional[torch.Tensor]
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return triton_kernels.backward(grad_out, x, out, w3, w5, w3_1, w5_1, b3, b5)
+
+    if not _kernels_compiled:
+        torch.library.register_fake(f"sparse_attn::{_TRITON_FORWARD}", _fake_forward)
+        torch.library.register_fake(f"sparse_attn::{_TRITON_BACKWARD}", _fake_backward)
+    torch.library.register_autograd(f"sparse_attn::{_TRITON_FORWARD}", _backward_with(_triton_backward),
+                                    setup_context=_setup_context)
