@@ -86,15 +86,25 @@ class OperationLayer(nn.Module):
     def forward(self, x, weights, lean=False):
         """weights: (B, NUM_EXPERTS). lean: sum the experts' shares of the 1x1 instead of
         concatenating their outputs (the same sum, in another order), so that one expert's
-        output is alive at a time rather than all eight and their concatenation."""
+        output is alive at a time rather than all eight and their concatenation; an expert's own
+        closing 1x1 is folded into its share."""
         scales = [weights[:, i].reshape(-1, 1, 1, 1) for i in range(len(self._ops))]
         if not lean:
             return self._out(torch.cat([op(x) * s for op, s in zip(self._ops, scales)], dim=1))
-        conv = self._out[0]
-        shares = conv.weight.split(x.shape[1], dim=1)  # the 1x1's input channels, expert by expert
+        channels = x.shape[1]
+        shares = self._out[0].weight.split(channels, dim=1)  # the 1x1's input channels, expert by expert
         out = None
         for op, scale, share in zip(self._ops, scales, shares):
-            term = F.conv2d(op(x) * scale, share)
+            if isinstance(op, (SepConv, DilConv)):
+                # The expert ends in a 1x1 too: one product of two C x C matrices replaces a
+                # 1x1 convolution of the whole map (forward and backward).
+                body, last = op.op[:-1], op.op[-1]
+                share = (share.reshape(channels, channels) @ last.weight.reshape(channels, channels)
+                         ).reshape(channels, channels, 1, 1)
+                expert = body(x)
+            else:
+                expert = op(x)
+            term = F.conv2d(expert * scale, share)
             out = term if out is None else out.add_(term)  # no autograd node needs a term back
         return self._out[1](out)
 

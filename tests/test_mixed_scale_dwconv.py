@@ -3,7 +3,6 @@ reference, forward and every gradient; gradcheck, opcheck, torch.compile, input 
 state_dict parity with DRSformer's FeedForward, determinism."""
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import sparse_attn

@@ -203,7 +203,7 @@ def test_compile_fullgraph(name):
 # ---------------------------------------------------------------------------------------------
 # Training on every backend
 # ---------------------------------------------------------------------------------------------
-# Under the Triton interpreter a model's three steps take ~40 s: train there only DRSformer
+# Under the Triton interpreter a model's three steps take about a minute: train there only DRSformer
 # without MEFC (the four top-k branches; Restormer's dense branch is covered by the fixture
 # parity). Not the network with MEFC: off the reference backend MEFC runs its lean form, whose
 # float32 rounding differs from upstream's, and after three float32 steps the two disagree on the
