@@ -10,6 +10,8 @@ import sparse_attn
 from sparse_attn.models import DSGformer, Restormer
 from sparse_attn.nn import DeepSparseAttention, FrequencyGatedFFN
 
+from benchmarks.memory import saved_bytes
+
 from model_cases import BACKENDS, assert_training_agrees, skip_unless_runs, train_steps, training_dtype
 
 SMALL = dict(dim=8, num_blocks=(1, 1, 1, 1), num_refinement_blocks=1, heads=(1, 2, 4, 8))
@@ -98,19 +100,6 @@ def test_frequency_filter_of_ones_is_the_identity():
         FrequencyGatedFFN(8, 2.66, bias=False, gate="relu")
 
 
-def _saved_bytes(fn):
-    """Bytes of the distinct storages autograd saves for backward while ``fn`` runs."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
-
-
 def test_recomputed_spectrum_gives_the_same_gradients_and_saves_less():
     torch.manual_seed(0)
     saving = FrequencyGatedFFN(8, 2.66, bias=True, recompute_spectrum=False).double()
@@ -131,7 +120,7 @@ def test_recomputed_spectrum_gives_the_same_gradients_and_saves_less():
     # of 8x5 complex128 bins (1.25x the 2h-channel map).
     x = torch.randn(2, 8, 24, 16, dtype=torch.float64, requires_grad=True)
     spectrum_bytes = 2 * 42 * (3 * 2) * (8 * 5) * 16
-    assert _saved_bytes(lambda: saving(x)) - _saved_bytes(lambda: recomputing(x)) == spectrum_bytes
+    assert saved_bytes(lambda: saving(x))[0] - saved_bytes(lambda: recomputing(x))[0] == spectrum_bytes
 
 
 def test_frequency_gated_ffn_compiles_with_gradients():
