@@ -35,6 +35,42 @@ inline std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tens
   return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
 }
 
+template <typename T>
+const T* pointer_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
+}
+
+// The op's tensors, checked and contiguous, as the kernels index them. grad_out (in x's dtype)
+// and out are set for the backward only, which takes no second-stage biases. (On CUDA, make the
+// device guard before calling these: contiguous() may allocate.)
+struct Operands {
+  at::Tensor x, w3, w5, w3_1, w5_1;
+  std::optional<at::Tensor> b3, b5, b3_1, b5_1;
+  at::Tensor grad_out, out;
+};
+
+inline Operands forward_operands(const at::Tensor& x, const at::Tensor& w3, const at::Tensor& w5,
+                                 const at::Tensor& w3_1, const at::Tensor& w5_1, const std::optional<at::Tensor>& b3,
+                                 const std::optional<at::Tensor>& b5, const std::optional<at::Tensor>& b3_1,
+                                 const std::optional<at::Tensor>& b5_1) {
+  check_args(x, w3, w5, w3_1, w5_1, {b3, b5, b3_1, b5_1});
+  return {x.contiguous(),          w3.contiguous(),         w5.contiguous(),           w3_1.contiguous(),
+          w5_1.contiguous(),       contiguous_or_none(b3),  contiguous_or_none(b5),    contiguous_or_none(b3_1),
+          contiguous_or_none(b5_1), at::Tensor(),           at::Tensor()};
+}
+
+inline Operands backward_operands(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& out,
+                                  const at::Tensor& w3, const at::Tensor& w5, const at::Tensor& w3_1,
+                                  const at::Tensor& w5_1, const std::optional<at::Tensor>& b3,
+                                  const std::optional<at::Tensor>& b5) {
+  TORCH_CHECK(grad_out.sizes() == x.sizes() && out.sizes() == x.sizes(),
+              "mixed_scale_dwconv_backward: grad_out and out must have x's shape");
+  Operands o = forward_operands(x, w3, w5, w3_1, w5_1, b3, b5, std::nullopt, std::nullopt);
+  o.grad_out = grad_out.to(x.scalar_type()).contiguous();
+  o.out = out.contiguous();
+  return o;
+}
+
 // Where each parameter's gradient lives in a row of the partial-sum table (one row per
 // (batch, tile); every entry of a row is written by exactly one task).
 struct GradLayout {

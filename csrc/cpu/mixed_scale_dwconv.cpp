@@ -114,11 +114,6 @@ struct Params {
   }
 };
 
-template <typename T>
-const T* pointer_or_null(const std::optional<Tensor>& t) {
-  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
-}
-
 // Copies an image plane into a zeroed frame over the given spans (already clipped to the image).
 template <typename T>
 MSDW_INLINE void load_plane(const T* plane, int64_t width, const Tile& tile, Span rows, Span cols, T* frame) {
@@ -390,26 +385,22 @@ bool cpu_has_avx2() {
 #endif
 
 template <typename T>
-Params<T> params_of(const Tensor& w3, const Tensor& w5, const Tensor& w3_1, const Tensor& w5_1,
-                    const std::optional<Tensor>& b3, const std::optional<Tensor>& b5,
-                    const std::optional<Tensor>& b3_1, const std::optional<Tensor>& b5_1) {
-  return {w3.const_data_ptr<T>(), w5.const_data_ptr<T>(), w3_1.const_data_ptr<T>(), w5_1.const_data_ptr<T>(),
-          pointer_or_null<T>(b3), pointer_or_null<T>(b5), pointer_or_null<T>(b3_1), pointer_or_null<T>(b5_1)};
+Params<T> params_of(const Operands& o) {
+  return {o.w3.const_data_ptr<T>(),   o.w5.const_data_ptr<T>(),   o.w3_1.const_data_ptr<T>(),
+          o.w5_1.const_data_ptr<T>(), pointer_or_null<T>(o.b3),   pointer_or_null<T>(o.b5),
+          pointer_or_null<T>(o.b3_1), pointer_or_null<T>(o.b5_1)};
 }
 
 Tensor forward_cpu(const Tensor& x_in, const Tensor& w3_in, const Tensor& w5_in, const Tensor& w3_1_in,
                    const Tensor& w5_1_in, const std::optional<Tensor>& b3_in, const std::optional<Tensor>& b5_in,
                    const std::optional<Tensor>& b3_1_in, const std::optional<Tensor>& b5_1_in) {
-  check_args(x_in, w3_in, w5_in, w3_1_in, w5_1_in, {b3_in, b5_in, b3_1_in, b5_1_in});
-  const Tensor x = x_in.contiguous(), w3 = w3_in.contiguous(), w5 = w5_in.contiguous();
-  const Tensor w3_1 = w3_1_in.contiguous(), w5_1 = w5_1_in.contiguous();
-  const auto b3 = contiguous_or_none(b3_in), b5 = contiguous_or_none(b5_in);
-  const auto b3_1 = contiguous_or_none(b3_1_in), b5_1 = contiguous_or_none(b5_1_in);
+  const Operands o = forward_operands(x_in, w3_in, w5_in, w3_1_in, w5_1_in, b3_in, b5_in, b3_1_in, b5_1_in);
+  const Tensor& x = o.x;
   Tensor out = at::empty_like(x);
   const Geometry g = geometry_of(x);
   if (x.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mixed_scale_dwconv_forward_cpu", [&] {
-    const Params<scalar_t> p = params_of<scalar_t>(w3, w5, w3_1, w5_1, b3, b5, b3_1, b5_1);
+    const Params<scalar_t> p = params_of<scalar_t>(o);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, g.batch * g.channels * g.tiles(), grain_of(g), [&](int64_t begin, int64_t end) {
@@ -432,23 +423,17 @@ BackwardResult backward_cpu(
     const Tensor& grad_out_in, const Tensor& x_in, const Tensor& out_in, const Tensor& w3_in, const Tensor& w5_in,
     const Tensor& w3_1_in, const Tensor& w5_1_in, const std::optional<Tensor>& b3_in,
     const std::optional<Tensor>& b5_in) {
-  check_args(x_in, w3_in, w5_in, w3_1_in, w5_1_in, {b3_in, b5_in});
-  TORCH_CHECK(grad_out_in.sizes() == x_in.sizes() && out_in.sizes() == x_in.sizes(),
-              "mixed_scale_dwconv_backward: grad_out and out must have x's shape");
-  const Tensor x = x_in.contiguous(), out = out_in.contiguous();
-  const Tensor grad_out = grad_out_in.to(x.scalar_type()).contiguous();
-  const Tensor w3 = w3_in.contiguous(), w5 = w5_in.contiguous();
-  const Tensor w3_1 = w3_1_in.contiguous(), w5_1 = w5_1_in.contiguous();
-  const auto b3 = contiguous_or_none(b3_in), b5 = contiguous_or_none(b5_in);
+  const Operands o = backward_operands(grad_out_in, x_in, out_in, w3_in, w5_in, w3_1_in, w5_1_in, b3_in, b5_in);
+  const Tensor& x = o.x;
   const Geometry g = geometry_of(x);
   const GradLayout layout(g.hidden);
   Tensor grad_x = at::empty_like(x);
   Tensor partials = at::zeros({g.batch * g.tiles(), layout.total}, x.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mixed_scale_dwconv_backward_cpu", [&] {
-    const Params<scalar_t> p = params_of<scalar_t>(w3, w5, w3_1, w5_1, b3, b5, std::nullopt, std::nullopt);
-    const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
+    const Params<scalar_t> p = params_of<scalar_t>(o);
+    const scalar_t* gp = o.grad_out.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* op = out.const_data_ptr<scalar_t>();
+    const scalar_t* op = o.out.const_data_ptr<scalar_t>();
     scalar_t* dxp = grad_x.mutable_data_ptr<scalar_t>();
     double* pp = partials.mutable_data_ptr<double>();
     at::parallel_for(0, g.batch * g.channels * g.tiles(), grain_of(g), [&](int64_t begin, int64_t end) {

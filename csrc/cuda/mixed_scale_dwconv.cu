@@ -292,8 +292,14 @@ __global__ void sum_rows_kernel(const double* __restrict__ partials, long rows, 
 // Launchers
 // ---------------------------------------------------------------------------------------------
 template <typename T>
-const T* pointer_or_null(const std::optional<Tensor>& t) {
-  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
+StageOneParams<T> stage_one_params(const Operands& o) {
+  return {o.w3.const_data_ptr<T>(), o.w5.const_data_ptr<T>(), pointer_or_null<T>(o.b3), pointer_or_null<T>(o.b5)};
+}
+
+template <typename T>
+StageTwoParams<T> stage_two_params(const Operands& o) {
+  return {o.w3_1.const_data_ptr<T>(), o.w5_1.const_data_ptr<T>(), pointer_or_null<T>(o.b3_1),
+          pointer_or_null<T>(o.b5_1)};
 }
 
 Geometry geometry_of(const Tensor& x) {
@@ -313,20 +319,15 @@ dim3 grid_of(const Tensor& x, const Geometry& g) {
 Tensor forward_cuda(const Tensor& x_in, const Tensor& w3_in, const Tensor& w5_in, const Tensor& w3_1_in,
                     const Tensor& w5_1_in, const std::optional<Tensor>& b3_in, const std::optional<Tensor>& b5_in,
                     const std::optional<Tensor>& b3_1_in, const std::optional<Tensor>& b5_1_in) {
-  check_args(x_in, w3_in, w5_in, w3_1_in, w5_1_in, {b3_in, b5_in, b3_1_in, b5_1_in});
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const Tensor x = x_in.contiguous(), w3 = w3_in.contiguous(), w5 = w5_in.contiguous();
-  const Tensor w3_1 = w3_1_in.contiguous(), w5_1 = w5_1_in.contiguous();
-  const auto b3 = contiguous_or_none(b3_in), b5 = contiguous_or_none(b5_in);
-  const auto b3_1 = contiguous_or_none(b3_1_in), b5_1 = contiguous_or_none(b5_1_in);
+  const Operands o = forward_operands(x_in, w3_in, w5_in, w3_1_in, w5_1_in, b3_in, b5_in, b3_1_in, b5_1_in);
+  const Tensor& x = o.x;
   Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (x.numel() == 0) return out;
   const Geometry g = geometry_of(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mixed_scale_dwconv_forward_cuda", [&] {
-    const StageOneParams<scalar_t> p1{w3.const_data_ptr<scalar_t>(), w5.const_data_ptr<scalar_t>(),
-                                      pointer_or_null<scalar_t>(b3), pointer_or_null<scalar_t>(b5)};
-    const StageTwoParams<scalar_t> p2{w3_1.const_data_ptr<scalar_t>(), w5_1.const_data_ptr<scalar_t>(),
-                                      pointer_or_null<scalar_t>(b3_1), pointer_or_null<scalar_t>(b5_1)};
+    const StageOneParams<scalar_t> p1 = stage_one_params<scalar_t>(o);
+    const StageTwoParams<scalar_t> p2 = stage_two_params<scalar_t>(o);
     forward_kernel<scalar_t><<<grid_of(x, g), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         x.const_data_ptr<scalar_t>(), p1, p2, g, out.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -337,15 +338,9 @@ Tensor forward_cuda(const Tensor& x_in, const Tensor& w3_in, const Tensor& w5_in
 BackwardResult backward_cuda(const Tensor& grad_out_in, const Tensor& x_in, const Tensor& out_in, const Tensor& w3_in,
                              const Tensor& w5_in, const Tensor& w3_1_in, const Tensor& w5_1_in,
                              const std::optional<Tensor>& b3_in, const std::optional<Tensor>& b5_in) {
-  check_args(x_in, w3_in, w5_in, w3_1_in, w5_1_in, {b3_in, b5_in});
-  TORCH_CHECK(grad_out_in.sizes() == x_in.sizes() && out_in.sizes() == x_in.sizes(),
-              "mixed_scale_dwconv_backward: grad_out and out must have x's shape");
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const Tensor x = x_in.contiguous(), out = out_in.contiguous();
-  const Tensor grad_out = grad_out_in.to(x.scalar_type()).contiguous();
-  const Tensor w3 = w3_in.contiguous(), w5 = w5_in.contiguous();
-  const Tensor w3_1 = w3_1_in.contiguous(), w5_1 = w5_1_in.contiguous();
-  const auto b3 = contiguous_or_none(b3_in), b5 = contiguous_or_none(b5_in);
+  const Operands o = backward_operands(grad_out_in, x_in, out_in, w3_in, w5_in, w3_1_in, w5_1_in, b3_in, b5_in);
+  const Tensor& x = o.x;
   const Geometry g = geometry_of(x);
   const GradLayout layout(g.hidden);
   const dim3 grid = grid_of(x, g);
@@ -354,12 +349,10 @@ BackwardResult backward_cuda(const Tensor& grad_out_in, const Tensor& x_in, cons
   Tensor partials = at::zeros({x.size(0) * tiles, layout.total}, x.options().dtype(at::kDouble));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mixed_scale_dwconv_backward_cuda", [&] {
-    const StageOneParams<scalar_t> p1{w3.const_data_ptr<scalar_t>(), w5.const_data_ptr<scalar_t>(),
-                                      pointer_or_null<scalar_t>(b3), pointer_or_null<scalar_t>(b5)};
-    const StageTwoParams<scalar_t> p2{w3_1.const_data_ptr<scalar_t>(), w5_1.const_data_ptr<scalar_t>(), nullptr,
-                                      nullptr};
+    const StageOneParams<scalar_t> p1 = stage_one_params<scalar_t>(o);
+    const StageTwoParams<scalar_t> p2 = stage_two_params<scalar_t>(o);  // the backward has no b3_1, b5_1
     backward_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-        grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(), p1, p2,
+        o.grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), o.out.const_data_ptr<scalar_t>(), p1, p2,
         g, layout, tiles, grad_x.mutable_data_ptr<scalar_t>(), partials.mutable_data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
