@@ -82,7 +82,9 @@ def assert_close(fn, reference, inputs64, grad64, dtype, names):
             continue
         assert mine.dtype == dtype and mine.shape == ref.shape, name
         error = (mine.double() - ref).abs().max().item()
-        floor = 8 * eps * max(ref.abs().max().item(), 1.0)
+        # Rounding floor: parameter gradients sum up to ~10^4 pixels, in another order than the
+        # reference's reduction (~√n·eps of the total).
+        floor = (64 if name in ("weight", "bias", "activation_weight") else 8) * eps * max(ref.abs().max().item(), 1.0)
         assert error <= 2 * ref_error.item() + floor, (
             f"{name}: error {error:.3g} vs the {dtype} reference's {ref_error.item():.3g} (floor {floor:.3g})")
 
