@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_attn.nn import LayerNorm2d
+from sparse_attn.nn.input_checks import check_feature_map
 
 from .checkpoint import CheckpointMixin
 
@@ -137,12 +138,11 @@ class RestorationUNet(CheckpointMixin, nn.Module):
         self.output = nn.Conv2d(dims[1], out_channels, kernel_size=3, stride=1, padding=1, bias=bias)
 
     def forward(self, inp_img):
-        """(B, inp_channels, H, W) -> (B, out_channels, H, W), any H, W (at least 5)."""
-        if not isinstance(inp_img, torch.Tensor):
-            raise TypeError(f"inp_img: expected a tensor, got {type(inp_img).__name__}")
-        if inp_img.dim() != 4 or inp_img.shape[1] != self.inp_channels:
-            raise ValueError(f"inp_img: expected (B, {self.inp_channels}, H, W), got {tuple(inp_img.shape)}")
-        h, w = inp_img.shape[-2:]
+        """(B, inp_channels, H, W) -> (B, out_channels, H, W), any H, W (at least 5), any B (0 too)."""
+        check_feature_map(self, inp_img, self.inp_channels, name="inp_img")
+        b, _, h, w = inp_img.shape
+        if b == 0:  # pixel (un)shuffle keeps the shape of an empty batch, so the levels would not fit
+            return inp_img.new_empty((0, self.out_channels, h, w))
         return self._forward_padded(pad_to_multiple(inp_img))[..., :h, :w]
 
     def _forward_padded(self, inp_img):
