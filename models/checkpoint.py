@@ -8,9 +8,11 @@ reader, so a file never runs code, and says in one line what is wrong with a fil
 """
 import os
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
 
 import torch
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 # The keys under which BasicSR stores the weights, in the order they are tried.
 PARAM_KEYS = ("params", "params_ema")
@@ -148,12 +150,17 @@ def _unwrap(checkpoint, source, param_key):
 
 
 def _strip_wrapper_prefix(state_dict, own_keys):
-    """Drop a prefix that every key has and no key of the module has (a wrapper's)."""
+    """Drop a prefix that every key has and no key of the module has (a wrapper's), from the keys
+    and from the modules' version metadata; the caller's dict is left as it is."""
     own_keys = list(own_keys)
     for prefix in WRAPPER_PREFIXES:
         if state_dict and all(k.startswith(prefix) for k in state_dict) \
                 and not any(k.startswith(prefix) for k in own_keys):
-            state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+            stripped = OrderedDict(state_dict)
+            if hasattr(state_dict, "_metadata"):
+                stripped._metadata = OrderedDict(state_dict._metadata)
+            consume_prefix_in_state_dict_if_present(stripped, prefix)
+            state_dict = stripped
     return state_dict
 
 

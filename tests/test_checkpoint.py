@@ -50,6 +50,17 @@ def test_release_layouts_load(tmp_path, layout):
     _assert_loaded(TinyNet.from_pretrained(path, channels=4), state_dict)
 
 
+def test_a_dataparallel_state_dict_loads_and_is_left_as_it_was():
+    wrapped = nn.DataParallel(TinyNet())
+    with torch.no_grad():
+        wrapped.module.head.weight.fill_(3.0)
+    state_dict = wrapped.state_dict()
+    keys = list(state_dict)
+    net = TinyNet().load_pretrained(state_dict)
+    assert torch.equal(net.head.weight, wrapped.module.head.weight)
+    assert list(state_dict) == keys and "module" in state_dict._metadata  # the caller's dict is untouched
+
+
 def test_params_is_preferred_and_param_key_chooses(tmp_path):
     plain, ema = _random_state_dict(), {k: v + 1 for k, v in _random_state_dict().items()}
     checkpoint = {"params": plain, "params_ema": ema}
