@@ -47,8 +47,8 @@ TORCH_LIBRARY(sparse_attn, m) {
       "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
 
   // Gated depthwise core of Restormer's GDFN (DESIGN.md §5). x: (B, 2h, H, W); weight: (2h,1,3,3);
-  // bias: (2h,) or None; activation: 0 = gelu, 1 = prelu, 2 = relu2, 3 = identity (the index in
-  // sparse_attn/reference/gated_dwconv.py ACTIVATIONS); activation_weight: prelu's slope (1,).
+  // bias: (2h,) or None; activation: 0 = gelu, 1 = prelu, 2 = relu2, 3 = identity
+  // (sparse_attn/encodings.py GATE_ACTIVATION_CODES); activation_weight: prelu's slope (1,).
   // out: (B, h, H, W). The backward recomputes z from x and returns the gradients of x, weight,
   // bias and activation_weight (the last two always).
   m.def("gated_dwconv_forward(Tensor x, Tensor weight, Tensor? bias, int activation, "
@@ -57,4 +57,7 @@ TORCH_LIBRARY(sparse_attn, m) {
       "gated_dwconv_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, int activation, "
       "Tensor? activation_weight) "
       "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_activation_weight)");
+
+  // The constants the kernels and the Python side share, for the tests to compare (csrc/encodings.cpp).
+  m.def("encoding(str name, int size) -> int[]");
 }

@@ -16,12 +16,12 @@ the image), which neighbouring programs share in cache.
             with each tile's sums of dz (bias) and of grad_out·z[h + g]·∂act/∂slope (prelu);
             `input_grad_kernel`, per (batch, CHANNELS channels, tile): dx = the transposed 3x3
             convolution of dz and each tile's weight sums Σ dz·shift(x). The sums go to row
-            (batch, tile) of a partial table (weight at 0, bias at 18h, slope at 20h, 21h entries:
-            GradLayout of csrc/common/gated_dwconv_args.h) and `sum_partials_kernel` adds the
-            rows in order. No atomics: the bits never depend on scheduling.
+            (batch, tile) of a partial table laid out as sparse_attn.encodings.GATED_GRAD_LAYOUT
+            (the C++ kernels' too; the launcher passes the offsets) and `sum_partials_kernel`
+            adds the rows in order. No atomics: the bits never depend on scheduling.
 
 Inputs may be fp32, fp16 or bf16; every sum is fp32, results are rounded once. The activation is
-a compile-time code (the index in sparse_attn/reference/gated_dwconv.py ACTIVATIONS).
+a compile-time code (sparse_attn.encodings.GATE_ACTIVATION_CODES, which the C++ kernels share).
 `launch_configurations()` lists every (kernel, signature, constexprs, options) the launchers can
 choose, for ahead-of-time compilation in the tests.
 """
@@ -31,16 +31,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.gated_dwconv import ACTIVATIONS
+from sparse_attn.encodings import GATE_ACTIVATION_CODES, gated_grad_offsets
+
 from ._launch import aot_signature, launch
 from .mixed_scale_dwconv import sum_partials_kernel
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TRITON_TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _SUM_BLOCK = 256
-GELU = tl.constexpr(ACTIVATIONS.index("gelu"))
-PRELU = tl.constexpr(ACTIVATIONS.index("prelu"))
-RELU2 = tl.constexpr(ACTIVATIONS.index("relu2"))
+GELU = tl.constexpr(GATE_ACTIVATION_CODES["gelu"])
+PRELU = tl.constexpr(GATE_ACTIVATION_CODES["prelu"])
+RELU2 = tl.constexpr(GATE_ACTIVATION_CODES["relu2"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,8 +146,8 @@ def gated_dwconv_forward_kernel(x_ptr, weight_ptr, bias_ptr, slope_ptr, out_ptr,
 
 
 @triton.jit
-def gate_grad_kernel(grad_out_ptr, x_ptr, weight_ptr, bias_ptr, slope_ptr, dz_ptr, partial_ptr, hidden, height, width,
-                     ACTIVATION: tl.constexpr, CHANNELS: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+def gate_grad_kernel(grad_out_ptr, x_ptr, weight_ptr, bias_ptr, slope_ptr, dz_ptr, partial_ptr, bias_at, slope_at,
+                     total, hidden, height, width, ACTIVATION: tl.constexpr, CHANNELS: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
     """One program per (batch, CHANNELS groups, tile): dz of channels g and h + g into the fp32
     buffer; the tile's bias sums and (prelu) slope sums into its row of the partial table."""
     batch, tile, group, lane_ok, rows, cols, in_image = _item(tl.program_id(0), hidden, height, width,
@@ -164,18 +165,18 @@ def gate_grad_kernel(grad_out_ptr, x_ptr, weight_ptr, bias_ptr, slope_ptr, dz_pt
     tl.store(dz_ptr + (batch * channels + group).to(tl.int64) * plane + pixels, dza, mask=mask)
     tl.store(dz_ptr + (batch * channels + hidden + group).to(tl.int64) * plane + pixels, dzb, mask=mask)
     tiles = tl.cdiv(height, TILE_H) * tl.cdiv(width, TILE_W)
-    partial = partial_ptr + (batch * tiles + tile).to(tl.int64) * (21 * hidden)
-    tl.store(partial + 18 * hidden + group, _tile_sum(dza), mask=lane_ok)
-    tl.store(partial + 18 * hidden + hidden + group, _tile_sum(dzb), mask=lane_ok)
+    partial = partial_ptr + (batch * tiles + tile).to(tl.int64) * total
+    tl.store(partial + bias_at + group, _tile_sum(dza), mask=lane_ok)
+    tl.store(partial + bias_at + hidden + group, _tile_sum(dzb), mask=lane_ok)
     if ACTIVATION == PRELU:
         slope_grad = tl.where(za > 0.0, 0.0, g * zb * za)
-        tl.store(partial + 20 * hidden + group, _tile_sum(slope_grad), mask=lane_ok)
+        tl.store(partial + slope_at + group, _tile_sum(slope_grad), mask=lane_ok)
     else:
-        tl.store(partial + 20 * hidden + group, tl.zeros((CHANNELS, 1, 1), tl.float32), mask=lane_ok)
+        tl.store(partial + slope_at + group, tl.zeros((CHANNELS, 1, 1), tl.float32), mask=lane_ok)
 
 
 @triton.jit
-def input_grad_kernel(dz_ptr, x_ptr, weight_ptr, grad_x_ptr, partial_ptr, channels, height, width,
+def input_grad_kernel(dz_ptr, x_ptr, weight_ptr, grad_x_ptr, partial_ptr, weight_at, total, channels, height, width,
                       CHANNELS: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
     """One program per (batch, CHANNELS channels c, tile): dx[c] = Σ_t w[c, t]·dz[c](p − shift_t)
     and the tile's weight sums Σ dz[c]·x[c](p + shift_t) into its row of the partial table."""
@@ -187,7 +188,7 @@ def input_grad_kernel(dz_ptr, x_ptr, weight_ptr, grad_x_ptr, partial_ptr, channe
     mask = in_image & lane_ok
     dz = tl.load(dz_planes + rows * width + cols, mask=mask, other=0.0)
     tiles = tl.cdiv(height, TILE_H) * tl.cdiv(width, TILE_W)
-    partial = partial_ptr + (batch * tiles + tile).to(tl.int64) * (21 * (channels // 2)) + c * 9
+    partial = partial_ptr + (batch * tiles + tile).to(tl.int64) * total + weight_at + c * 9
     dx = tl.zeros(in_image.shape, tl.float32)
     for t in range(9):
         dy = t // 3 - 1
@@ -235,7 +236,7 @@ def launch_configurations():
     for dtype in DTYPES:
         t = _TRITON_TYPE_NAMES[dtype]
         params = {name: t for name in ("x_ptr", "weight_ptr", "bias_ptr", "slope_ptr")}
-        for code in range(len(ACTIVATIONS)):
+        for code in GATE_ACTIVATION_CODES.values():
             acx = {"ACTIVATION": code, **cx}
             configs.append((gated_dwconv_forward_kernel,
                             aot_signature(gated_dwconv_forward_kernel, acx, {**params, "out_ptr": t}), acx, options))
@@ -268,7 +269,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     """The op's forward: out (B, h, H, W) of x's dtype, contiguous.
 
     x: (B, 2h, H, W) fp32/fp16/bf16; weight (2h, 1, 3, 3); bias (2h,) or None; activation: the
-    code (index in ACTIVATIONS); activation_weight: prelu's slope (1,) or None."""
+    code (sparse_attn.encodings.GATE_ACTIVATION_CODES); activation_weight: prelu's slope (1,) or None."""
     x = x.contiguous()
     batch, channels, height, width = x.shape
     hidden = channels // 2
@@ -292,20 +293,23 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
     blocks = _blocks(x)
     weight, bias, slope = _parameters(x, weight, bias, activation_weight)
     programs, tiles = _programs(batch, hidden, height, width, blocks)
-    total = 21 * hidden
+    layout = gated_grad_offsets(hidden)  # where each gradient starts in a row of the partial table
+    total = layout["total"]
     partial = x.new_empty((batch * tiles, total), dtype=torch.float32)
     dz = x.new_empty(x.shape, dtype=torch.float32)
-    launch(gate_grad_kernel, (programs,), grad_out, x, weight, bias, slope, dz, partial, hidden, height, width,
+    launch(gate_grad_kernel, (programs,), grad_out, x, weight, bias, slope, dz, partial, layout["bias"], layout["slope"],
+           total, hidden, height, width,
            ACTIVATION=activation, **_constexprs(blocks), num_warps=blocks["num_warps"])
     grad_x = torch.empty_like(x)
     programs, _ = _programs(batch, channels, height, width, blocks)
-    launch(input_grad_kernel, (programs,), dz, x, weight, grad_x, partial, channels, height, width,
+    launch(input_grad_kernel, (programs,), dz, x, weight, grad_x, partial, layout["weight"], total, channels, height,
+           width,
            **_constexprs(blocks), num_warps=blocks["num_warps"])
     sums = x.new_empty((total,), dtype=torch.float32)
     launch(sum_partials_kernel, (triton.cdiv(total, _SUM_BLOCK),), partial, sums, batch * tiles, total,
            BLOCK=_SUM_BLOCK, num_warps=4)
     # Copies: the op's outputs must not share storage.
-    grad_weight = sums[:18 * hidden].reshape(channels, 1, 3, 3).to(x.dtype, copy=True)
-    grad_bias = sums[18 * hidden:20 * hidden].to(x.dtype, copy=True)
-    grad_slope = sums[20 * hidden:].sum().reshape(1).to(x.dtype)
+    grad_weight = sums[layout["weight"]:layout["weight"] + 9 * channels].reshape(channels, 1, 3, 3).to(x.dtype, copy=True)
+    grad_bias = sums[layout["bias"]:layout["bias"] + channels].to(x.dtype, copy=True)
+    grad_slope = sums[layout["slope"]:layout["slope"] + hidden].sum().reshape(1).to(x.dtype)
     return grad_x, grad_weight, grad_bias, grad_slope

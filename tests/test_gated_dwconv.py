@@ -2,9 +2,6 @@
 and every gradient, for every activation; gradcheck, opcheck, torch.compile, input checks,
 determinism, what backward saves, the activation codes shared with the kernels, and Restormer's
 GDFN / the deblurring network's gate on the op."""
-import re
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,24 +11,28 @@ from benchmarks.memory import saved_bytes
 from block_ops_cases import (GATED_NAMES, GATED_SHAPES, assert_gated_close, forward_and_grads, gated_fn,
                              gated_inputs)
 from conftest import requires_cuda
-from sparse_attn import backends
+from sparse_attn import backends, encodings
 from sparse_attn.reference import gated_dwconv as reference
 from sparse_attn.reference.gated_dwconv import ACTIVATIONS
 
-NATIVE_CPU = backends.why_unavailable("native", "cpu", op="gated_dwconv_forward")
+NATIVE_CPU = backends.why_unavailable("native", "cpu")
 requires_native = pytest.mark.skipif(NATIVE_CPU is not None, reason=f"native backend: {NATIVE_CPU}")
 _shape_id = lambda s: "x".join(map(str, s))  # noqa: E731
-ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_activation_codes_agree_with_the_kernels():
-    """ACTIVATIONS (Python, Triton) is the one source; the C++ header's copy must agree."""
-    header = (ROOT / "csrc" / "common" / "gated_dwconv.h").read_text()
-    names = {"gelu": "kGelu", "prelu": "kPrelu", "relu2": "kRelu2", "identity": "kIdentity"}
-    for code, name in enumerate(ACTIVATIONS):
-        match = re.search(rf"constexpr int {names[name]} = (\d+);", header)
-        assert match and int(match.group(1)) == code, f"{name}: C++ code differs from ACTIVATIONS"
-    assert f"constexpr int kActivations = {len(ACTIVATIONS)};" in header
+@requires_native
+def test_encodings_agree_with_the_cpp_kernels():
+    """sparse_attn.encodings is the one source (Python, Triton); the C++ copies must agree."""
+    cpp = torch.ops.sparse_attn.encoding("gated_dwconv_activation_codes", 0)
+    assert cpp == [encodings.GATE_ACTIVATION_CODES[name] for name in ("gelu", "prelu", "relu2", "identity")]
+    assert tuple(encodings.GATE_ACTIVATION_CODES) == ACTIVATIONS
+    for hidden in (1, 3, 127, 1021):
+        ours = encodings.gated_grad_offsets(hidden)
+        assert torch.ops.sparse_attn.encoding("gated_dwconv_grad_layout", hidden) == [ours[name] for name in
+                                                                                      encodings.GATED_GRAD_LAYOUT]
+        # weight (2h·9), bias (2h), one slope partial per group (h), without gaps or overlaps
+        assert [ours["bias"], ours["slope"] - ours["bias"], ours["total"] - ours["slope"]] == [18 * hidden, 2 * hidden,
+                                                                                               hidden]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,6 +52,20 @@ def test_native_matches_reference(shape, bias, dtype):
 @pytest.mark.parametrize("shape", [(2, 6, 37, 133), (1, 6, 1, 7)], ids=_shape_id)
 def test_native_matches_reference_for_every_activation(shape, activation, dtype):
     assert_gated_close("native", shape, dtype, True, activation)
+
+
+@requires_native
+def test_native_float_gelu_is_within_a_few_ulp_of_erf():
+    """The CPU kernels' float erf (a rational approximation that vectorises) over [-8, 8]: a
+    centre-tap weight makes z = x, and a second half of ones makes out = gelu(x)."""
+    values = torch.linspace(-8, 8, 40001, dtype=torch.float64)
+    x = torch.cat([values, torch.ones_like(values)]).reshape(1, 2, 1, -1)
+    weight = torch.zeros(2, 1, 3, 3, dtype=torch.float64)
+    weight[:, 0, 1, 1] = 1
+    for dtype in (torch.float32, torch.float64):
+        out = sparse_attn.gated_dwconv(x.to(dtype), weight.to(dtype), backend="native").double().flatten()
+        error = (out - F.gelu(values.to(dtype).double())).abs() / values.abs().clamp(min=1)
+        assert error.max() <= (5e-7 if dtype == torch.float32 else 1e-15), f"{dtype}: {error.max():.3g}"
 
 
 def test_reference_is_restormer_gate():
@@ -207,7 +222,7 @@ def test_compiled_op_forward_and_backward_do_not_recompile_for_new_image_sizes()
 def _native_cuda_reason():
     if not torch.cuda.is_available():
         return "needs a CUDA device"
-    return backends.why_unavailable("native", "cuda", op="gated_dwconv_forward")
+    return backends.why_unavailable("native", "cuda")
 
 
 requires_native_cuda = pytest.mark.skipif(_native_cuda_reason() is not None, reason=str(_native_cuda_reason()))

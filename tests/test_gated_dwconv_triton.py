@@ -111,8 +111,8 @@ def test_unsupported_dtypes_say_why(dtype):
 def require_gpu(backend, dtype=torch.float32):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device (none here)")
-    reason = backends.why_unavailable(backend, "cuda", dtype, op="gated_dwconv_forward",
-                                      dtypes=sparse_attn.ops.gated_dwconv._DTYPES)
+    x, weight, bias, _ = gated_inputs((1, 2, 4, 4), dtype, device="cuda")
+    reason = backends.explain(sparse_attn.gated_dwconv, x, weight, bias).reasons[backend]
     if reason is not None:
         pytest.skip(f"{backend}: {reason}")
     if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":

@@ -12,7 +12,7 @@ from conftest import requires_cuda
 from sparse_attn import backends
 from sparse_attn.reference import layer_norm2d as reference
 
-NATIVE_CPU = backends.why_unavailable("native", "cpu", op="layer_norm2d_forward")
+NATIVE_CPU = backends.why_unavailable("native", "cpu")
 requires_native = pytest.mark.skipif(NATIVE_CPU is not None, reason=f"native backend: {NATIVE_CPU}")
 _shape_id = lambda s: "x".join(map(str, s))  # noqa: E731
 
@@ -209,7 +209,7 @@ def test_layer_norm_2d_module_runs_the_op(kind):
 def _native_cuda_reason():
     if not torch.cuda.is_available():
         return "needs a CUDA device"
-    return backends.why_unavailable("native", "cuda", op="layer_norm2d_forward")
+    return backends.why_unavailable("native", "cuda")
 
 
 requires_native_cuda = pytest.mark.skipif(_native_cuda_reason() is not None, reason=str(_native_cuda_reason()))

@@ -17,8 +17,9 @@
 namespace sparse_attn {
 namespace gdw {
 
-// Activation codes, as in the op schema (csrc/ops.cpp). Their one source is ACTIVATIONS in
-// sparse_attn/reference/gated_dwconv.py (the code is the index); a test checks these against it.
+// Activation codes, as in the op schema (csrc/ops.cpp). Their one source is
+// GATE_ACTIVATION_CODES in sparse_attn/encodings.py; the `encoding` op reports these copies and
+// tests/test_gated_dwconv.py checks that they agree.
 constexpr int kGelu = 0;      // exact: z·Φ(z), Φ by erf
 constexpr int kPrelu = 1;     // z > 0 ? z : slope·z, one learnable slope
 constexpr int kRelu2 = 2;     // relu(z)²

@@ -68,6 +68,7 @@ T slope_of(const Operands& o) {
 
 // Where each parameter's gradient lives in a row of the partial-sum table (one row per
 // (batch, tile); group g's task writes the entries of channels g and h + g and slope entry g).
+// Its one source is GATED_GRAD_LAYOUT in sparse_attn/encodings.py (the Triton launcher reads it).
 struct GradLayout {
   int64_t weight, bias, slope, total;
   explicit GradLayout(int64_t hidden) : weight(0), bias(18 * hidden), slope(20 * hidden), total(21 * hidden) {}

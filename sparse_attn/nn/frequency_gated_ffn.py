@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..ops import gated_dwconv
+from .input_checks import check_feature_map
 
 GATES = ("gelu", "relu2")
 
@@ -32,6 +33,8 @@ def patch_spectral_filter(x, filt, patch_size):
     """Filter every ``patch_size``² patch of ``x`` (B, C, H, W) in the frequency domain:
     irfft2(rfft2(patch) * filt). ``filt``: (C, 1, 1, p, p // 2 + 1). H, W any: zero-padded to
     multiples of p and cropped back."""
+    if x.numel() == 0:
+        return x  # filtered, an empty map is itself (and the FFT libraries reject empty transforms)
     b, c, h, w = x.shape
     p = patch_size
     pad_h, pad_w = (-h) % p, (-w) % p
@@ -77,11 +80,15 @@ class FrequencyGatedFFN(nn.Module):
         self.project_out = nn.Conv2d(hidden, dim, kernel_size=1, bias=bias)
 
     def forward(self, x):
+        """(B, dim, H, W) -> (B, dim, H, W)."""
+        check_feature_map(self, x, self.dim)
         x = self.project_in(x)
         if self.recompute_spectrum and torch.is_grad_enabled():
             x = checkpoint(patch_spectral_filter, x, self.fft, self.patch_size, use_reentrant=False)
         else:
             x = patch_spectral_filter(x, self.fft, self.patch_size)
+        if x.shape[0] == 0:  # the op takes no empty tensor; an empty batch has h channels here
+            return self.project_out(x[:, :self.hidden_features])
         return self.project_out(gated_dwconv(x, self.dwconv.weight, self.dwconv.bias, self.gate, backend=self.backend))
 
     def extra_repr(self):

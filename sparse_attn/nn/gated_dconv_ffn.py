@@ -2,6 +2,7 @@
 from torch import nn
 
 from ..ops import gated_dwconv
+from .input_checks import check_feature_map
 
 
 class GatedDconvFFN(nn.Module):
@@ -23,5 +24,10 @@ class GatedDconvFFN(nn.Module):
         self.project_out = nn.Conv2d(hidden, dim, kernel_size=1, bias=bias)
 
     def forward(self, x):
-        gated = gated_dwconv(self.project_in(x), self.dwconv.weight, self.dwconv.bias, "gelu", backend=self.backend)
-        return self.project_out(gated)
+        """(B, dim, H, W) -> (B, dim, H, W)."""
+        check_feature_map(self, x, self.dim)
+        hidden = self.project_in(x)
+        if x.shape[0] == 0:  # the op takes no empty tensor; an empty batch has h channels here
+            return self.project_out(hidden[:, :self.hidden_features])
+        return self.project_out(gated_dwconv(hidden, self.dwconv.weight, self.dwconv.bias, "gelu",
+                                             backend=self.backend))

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..ops import layer_norm2d
+from .input_checks import check_feature_map
 
 EPS = 1e-5  # the official value, added to the (biased) variance
 LAYER_NORM_TYPES = ("WithBias", "BiasFree")
@@ -43,8 +44,10 @@ class LayerNorm2d(nn.Module):
         self.body = _ChannelAffine(dim, with_bias=LayerNorm_type == "WithBias")
 
     def forward(self, x):
-        if x.dim() != 4 or x.shape[1] != self.dim:
-            raise ValueError(f"x: expected (B, {self.dim}, H, W), got {tuple(x.shape)}")
+        """(B, dim, H, W) -> (B, dim, H, W)."""
+        check_feature_map(self, x, self.dim)
+        if x.shape[0] == 0:
+            return x.clone()  # the op takes no empty tensor: nothing to normalise
         return layer_norm2d(x, self.body.weight, self.body.bias, EPS, backend=self.backend)
 
     def extra_repr(self):

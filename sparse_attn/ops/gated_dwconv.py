@@ -9,33 +9,23 @@ recomputes z tile by tile.
 """
 import torch
 
-from .. import backends
+from ..encodings import GATE_ACTIVATION_CODES, GATE_ACTIVATION_NAMES
 from ..reference import gated_dwconv as reference_gated_dwconv
-from ..reference.gated_dwconv import ACTIVATIONS
+from . import _library
 
 try:
-    import triton
+    from ..kernels import gated_dwconv as triton_launchers
+except ImportError:  # no Triton here: the backend says so when asked for
+    triton_launchers = None
 
-    from ..kernels import gated_dwconv as triton_kernels
-except ImportError:  # no Triton here: backends.why_unavailable says so when "triton" is asked for
-    triton_kernels = None
-
-_NATIVE_OP = "gated_dwconv_forward"
-_NATIVE_BACKWARD = "gated_dwconv_backward"
-_TRITON_FORWARD = "gated_dwconv_triton_forward"
-_TRITON_BACKWARD = "gated_dwconv_triton_backward"
-_DTYPES = {
-    "native": {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64)},
-    # On CPU tensors Triton is its interpreter, whose bf16 arithmetic is wrong (numpy has no bf16).
-    "triton": {"cpu": (torch.float32, torch.float16),
-               "cuda": (torch.float32, torch.float16, torch.bfloat16)},
-}
+ACTIVATIONS = tuple(GATE_ACTIVATION_CODES)
 
 
 # ---------------------------------------------------------------------------------------------
 # Contract
 # ---------------------------------------------------------------------------------------------
-def _check_arguments(x, weight, bias, activation, activation_weight):
+def _check_arguments(x, weight, bias=None, activation="gelu", activation_weight=None):
+    """Validate the arguments; returns the kernels' arguments (the activation as its code)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a tensor, got {type(x).__name__}")
     if x.dim() != 4:
@@ -47,7 +37,7 @@ def _check_arguments(x, weight, bias, activation, activation_weight):
         raise ValueError(f"x: expected an even number of channels (2h), got {channels}")
     if not x.is_floating_point():
         raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
-    if activation not in ACTIVATIONS:
+    if activation not in GATE_ACTIVATION_CODES:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
     if activation == "prelu" and activation_weight is None:
         raise ValueError("activation_weight: prelu needs its slope, a tensor of shape (1,)")
@@ -66,35 +56,16 @@ def _check_arguments(x, weight, bias, activation, activation_weight):
             raise TypeError(f"{name}: expected x's dtype {x.dtype}, got {t.dtype}")
         if t.device != x.device:
             raise ValueError(f"{name}: expected x's device {x.device}, got {t.device}")
+    return x, weight, bias, GATE_ACTIVATION_CODES[activation], activation_weight
+
+
+def _reference(x, weight, bias, code, activation_weight):
+    return reference_gated_dwconv(x, weight, bias, GATE_ACTIVATION_NAMES[code], activation_weight)
 
 
 # ---------------------------------------------------------------------------------------------
-# Dispatch
-# ---------------------------------------------------------------------------------------------
-def gated_dwconv(x, weight, bias=None, activation="gelu", activation_weight=None, backend="auto"):
-    """The depthwise core of Restormer's gated-Dconv feed-forward network (between
-    ``project_in`` and ``project_out``), fused.
-
-    Args:
-        x: (B, 2h, H, W) floating-point tensor.
-        weight: (2h, 1, 3, 3) depthwise weight (``dwconv``); bias: (2h,) or None.
-        activation: the gate, "gelu" (exact), "prelu", "relu2" or "identity".
-        activation_weight: prelu's slope, shape (1,) (``nn.PReLU()``'s weight); None otherwise.
-        backend: "auto", "reference", "native" or "triton" (see ``sparse_attn.backends``).
-
-    Returns:
-        (B, h, H, W) of x's dtype: ``act(z1) * z2`` with ``z1, z2 = dwconv(x).chunk(2, dim=1)``.
-    """
-    _check_arguments(x, weight, bias, activation, activation_weight)
-    name = backends.resolve(backend, x, op=_NATIVE_OP, dtypes=_DTYPES, triton_ready=triton_kernels is not None)
-    if name == "reference":
-        return reference_gated_dwconv(x, weight, bias, activation, activation_weight)
-    forward_op = getattr(torch.ops.sparse_attn, _NATIVE_OP if name == "native" else _TRITON_FORWARD)
-    return forward_op(x, weight, bias, ACTIVATIONS.index(activation), activation_weight)
-
-
-# ---------------------------------------------------------------------------------------------
-# Autograd and fake (meta) implementations, shared by the native and the Triton ops
+# Autograd and fake (meta) implementations: the native op and the Triton op share the contract
+# (same inputs and output; x saved for backward), so they share the autograd formula.
 # ---------------------------------------------------------------------------------------------
 def _fake_forward(x, weight, bias, activation, activation_weight):
     batch, channels, height, width = x.shape
@@ -109,38 +80,67 @@ def _fake_backward(grad_out, x, weight, bias, activation, activation_weight):
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, activation, activation_weight = inputs
+    # Only x (and the parameters): z is recomputed from x in backward.
     ctx.save_for_backward(x, weight, bias, activation_weight)
     ctx.activation = activation
     ctx.has_bias, ctx.has_slope = bias is not None, activation_weight is not None
 
 
-def _backward_with(backward_op):
-    """The autograd formula of a forward op whose backward is ``backward_op``."""
-    def backward(ctx, grad_out):
-        x, weight, bias, activation_weight = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias, grad_slope = backward_op(grad_out, x, weight, bias, ctx.activation,
-                                                                 activation_weight)
-        return (grad_x, grad_weight, grad_bias if ctx.has_bias else None, None,
-                grad_slope if ctx.has_slope else None)
-    return backward
+def _backward(ctx, backward_op, grad_out):
+    x, weight, bias, activation_weight = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias, grad_slope = backward_op(grad_out, x, weight, bias, ctx.activation,
+                                                             activation_weight)
+    return grad_x, grad_weight, grad_bias if ctx.has_bias else None, None, grad_slope if ctx.has_slope else None
 
 
-if backends.why_unavailable("native", "cpu", op=_NATIVE_OP) is None:
-    torch.library.register_fake(f"sparse_attn::{_NATIVE_OP}", _fake_forward)
-    torch.library.register_fake(f"sparse_attn::{_NATIVE_BACKWARD}", _fake_backward)
-    torch.library.register_autograd(f"sparse_attn::{_NATIVE_OP}",
-                                    _backward_with(getattr(torch.ops.sparse_attn, _NATIVE_BACKWARD)),
-                                    setup_context=_setup_context)
+# ---------------------------------------------------------------------------------------------
+# Backends
+# ---------------------------------------------------------------------------------------------
+def _native_limits(x, *_):
+    """The CUDA kernels index a plane with 32-bit integers and use one-dimensional grids."""
+    if x.device.type != "cuda":
+        return None
+    batch, channels, height, width = x.shape
+    if height * width >= 2**31:
+        return f"its CUDA kernels take H * W below 2^31, got {height} * {width}"
+    if batch * (channels // 2) * -(-height // 16) * -(-width // 32) >= 2**31:
+        return "its CUDA kernels take fewer than 2^31 tiles of 16 x 32 pixels per channel group and image"
+    return None
 
-if triton_kernels is not None:
-    # As mixed_scale_dwconv: triton_op for compiled kernels, an opaque custom op (with the native
-    # op's fakes) in the interpreter.
-    _kernels_compiled = isinstance(triton_kernels.gated_dwconv_forward_kernel, triton.runtime.JITFunction)
-    _define = torch.library.triton_op if _kernels_compiled else torch.library.custom_op
-    _triton_forward = _define(f"sparse_attn::{_TRITON_FORWARD}", triton_kernels.forward, mutates_args=())
-    _triton_backward = _define(f"sparse_attn::{_TRITON_BACKWARD}", triton_kernels.backward, mutates_args=())
-    if not _kernels_compiled:
-        torch.library.register_fake(f"sparse_attn::{_TRITON_FORWARD}", _fake_forward)
-        torch.library.register_fake(f"sparse_attn::{_TRITON_BACKWARD}", _fake_backward)
-    torch.library.register_autograd(f"sparse_attn::{_TRITON_FORWARD}", _backward_with(_triton_backward),
-                                    setup_context=_setup_context)
+
+_OP = _library.plug(_library.OpTable(
+    name="gated_dwconv",
+    arguments=_check_arguments,
+    reference=_reference,
+    fake_forward=_fake_forward,
+    fake_backward=_fake_backward,
+    setup_context=_setup_context,
+    backward=_backward,
+    native=_library.Kernels(
+        forward="gated_dwconv_forward", backward="gated_dwconv_backward",
+        dtypes={"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64)},
+        limits=_native_limits),
+    triton=_library.Kernels(
+        forward="gated_dwconv_triton_forward", backward="gated_dwconv_triton_backward",
+        # On CPU tensors Triton is its interpreter, whose bf16 arithmetic is wrong (numpy has no
+        # bf16); the kernels compute in fp32 from any of the three on a GPU.
+        dtypes={"cpu": (torch.float32, torch.float16), "cuda": (torch.float32, torch.float16, torch.bfloat16)},
+        launchers=triton_launchers),
+))
+
+
+def gated_dwconv(x, weight, bias=None, activation="gelu", activation_weight=None, backend="auto"):
+    """The depthwise core of Restormer's gated-Dconv feed-forward network (between
+    ``project_in`` and ``project_out``), fused.
+
+    Args:
+        x: (B, 2h, H, W) floating-point tensor.
+        weight: (2h, 1, 3, 3) depthwise weight (``dwconv``); bias: (2h,) or None.
+        activation: the gate, "gelu" (exact), "prelu", "relu2" or "identity".
+        activation_weight: prelu's slope, shape (1,) (``nn.PReLU()``'s weight); None otherwise.
+        backend: "auto", "reference", "native" or "triton" (see ``sparse_attn.backends``).
+
+    Returns:
+        (B, h, H, W) of x's dtype: ``act(z1) * z2`` with ``z1, z2 = dwconv(x).chunk(2, dim=1)``.
+    """
+    return _OP(backend, x, weight, bias, activation, activation_weight)

@@ -10,32 +10,20 @@ import math
 
 import torch
 
-from .. import backends
 from ..reference import layer_norm2d as reference_layer_norm2d
+from . import _library
 
 try:
-    import triton
-
-    from ..kernels import layer_norm2d as triton_kernels
-except ImportError:  # no Triton here: backends.why_unavailable says so when "triton" is asked for
-    triton_kernels = None
-
-_NATIVE_OP = "layer_norm2d_forward"
-_NATIVE_BACKWARD = "layer_norm2d_backward"
-_TRITON_FORWARD = "layer_norm2d_triton_forward"
-_TRITON_BACKWARD = "layer_norm2d_triton_backward"
-_DTYPES = {
-    "native": {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64)},
-    # On CPU tensors Triton is its interpreter, whose bf16 arithmetic is wrong (numpy has no bf16).
-    "triton": {"cpu": (torch.float32, torch.float16),
-               "cuda": (torch.float32, torch.float16, torch.bfloat16)},
-}
+    from ..kernels import layer_norm2d as triton_launchers
+except ImportError:  # no Triton here: the backend says so when asked for
+    triton_launchers = None
 
 
 # ---------------------------------------------------------------------------------------------
 # Contract
 # ---------------------------------------------------------------------------------------------
-def _check_arguments(x, weight, bias, eps):
+def _check_arguments(x, weight, bias=None, eps=1e-5):
+    """Validate x, weight, the optional bias and eps; returns the kernels' arguments."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a tensor, got {type(x).__name__}")
     if x.dim() != 4:
@@ -59,11 +47,76 @@ def _check_arguments(x, weight, bias, eps):
     # (a chained comparison, not math.isfinite, which torch.compile cannot trace; NaN fails it)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
         raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
+    return x, weight, bias, eps if isinstance(eps, float) else float(eps)
 
 
 # ---------------------------------------------------------------------------------------------
-# Dispatch
+# Autograd and fake (meta) implementations: the native op and the Triton op share the contract
+# (out, and the per-pixel mean and 1/√(σ² + eps) that backward takes with x), so they share the
+# autograd formula.
 # ---------------------------------------------------------------------------------------------
+def _fake_forward(x, weight, bias, eps):
+    batch, _, height, width = x.shape
+    stats = x.new_empty((batch, height, width), dtype=torch.promote_types(x.dtype, torch.float32))
+    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+
+
+def _fake_backward(grad_out, x, weight, bias, mean, rstd):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(weight, memory_format=torch.contiguous_format), torch.empty_like(weight))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, backward_op, grad_out, _grad_mean, _grad_rstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias = backward_op(grad_out, x, weight, bias, mean, rstd)
+    return grad_x, grad_weight, grad_bias if ctx.has_bias else None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends
+# ---------------------------------------------------------------------------------------------
+def _native_limits(x, *_):
+    """The CUDA kernels: one thread per pixel in a one-dimensional grid of 256-thread blocks,
+    and the weight-gradient grid's second dimension over the channels."""
+    if x.device.type != "cuda":
+        return None
+    batch, channels, height, width = x.shape
+    if batch * height * width >= 2**31 * 256:
+        return f"its CUDA kernels take B * H * W below 2^39, got {batch * height * width}"
+    if channels >= 65536:
+        return f"its CUDA kernels take C below 65536, got {channels}"
+    return None
+
+
+_OP = _library.plug(_library.OpTable(
+    name="layer_norm2d",
+    arguments=_check_arguments,
+    reference=reference_layer_norm2d,
+    result=lambda outputs: outputs[0],
+    fake_forward=_fake_forward,
+    fake_backward=_fake_backward,
+    setup_context=_setup_context,
+    backward=_backward,
+    native=_library.Kernels(
+        forward="layer_norm2d_forward", backward="layer_norm2d_backward",
+        dtypes={"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64)},
+        limits=_native_limits),
+    triton=_library.Kernels(
+        forward="layer_norm2d_triton_forward", backward="layer_norm2d_triton_backward",
+        # On CPU tensors Triton is its interpreter, whose bf16 arithmetic is wrong (numpy has no
+        # bf16); the kernels compute in fp32 from any of the three on a GPU.
+        dtypes={"cpu": (torch.float32, torch.float16), "cuda": (torch.float32, torch.float16, torch.bfloat16)},
+        launchers=triton_launchers),
+))
+
+
 def layer_norm2d(x, weight, bias=None, eps=1e-5, backend="auto"):
     """LayerNorm over the channels of every pixel of an NCHW map (Restormer's ``LayerNorm``
     without its to_3d / to_4d copies).
@@ -80,64 +133,4 @@ def layer_norm2d(x, weight, bias=None, eps=1e-5, backend="auto"):
     Returns:
         (B, C, H, W) of x's dtype.
     """
-    _check_arguments(x, weight, bias, eps)
-    name = backends.resolve(backend, x, op=_NATIVE_OP, dtypes=_DTYPES, triton_ready=triton_kernels is not None)
-    if name == "reference":
-        return reference_layer_norm2d(x, weight, bias, eps)
-    forward_op = getattr(torch.ops.sparse_attn, _NATIVE_OP if name == "native" else _TRITON_FORWARD)
-    return forward_op(x, weight, bias, eps if isinstance(eps, float) else float(eps))[0]
-
-
-# ---------------------------------------------------------------------------------------------
-# Autograd and fake (meta) implementations, shared by the native and the Triton ops
-# ---------------------------------------------------------------------------------------------
-def _stats_dtype(x):
-    return torch.promote_types(x.dtype, torch.float32)
-
-
-def _fake_forward(x, weight, bias, eps):
-    batch, _, height, width = x.shape
-    stats = x.new_empty((batch, height, width), dtype=_stats_dtype(x))
-    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
-
-
-def _fake_backward(grad_out, x, weight, bias, mean, rstd):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            torch.empty_like(weight, memory_format=torch.contiguous_format), torch.empty_like(weight))
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, _ = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, mean, rstd)
-    ctx.has_bias = bias is not None
-
-
-def _backward_with(backward_op):
-    """The autograd formula of a forward op whose backward is ``backward_op``."""
-    def backward(ctx, grad_out, _grad_mean, _grad_rstd):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = backward_op(grad_out, x, weight, bias, mean, rstd)
-        return grad_x, grad_weight, grad_bias if ctx.has_bias else None, None
-    return backward
-
-
-if backends.why_unavailable("native", "cpu", op=_NATIVE_OP) is None:
-    torch.library.register_fake(f"sparse_attn::{_NATIVE_OP}", _fake_forward)
-    torch.library.register_fake(f"sparse_attn::{_NATIVE_BACKWARD}", _fake_backward)
-    torch.library.register_autograd(f"sparse_attn::{_NATIVE_OP}",
-                                    _backward_with(getattr(torch.ops.sparse_attn, _NATIVE_BACKWARD)),
-                                    setup_context=_setup_context)
-
-if triton_kernels is not None:
-    # As mixed_scale_dwconv: triton_op for compiled kernels, an opaque custom op (with the native
-    # op's fakes) in the interpreter.
-    _kernels_compiled = isinstance(triton_kernels.layer_norm2d_forward_kernel, triton.runtime.JITFunction)
-    _define = torch.library.triton_op if _kernels_compiled else torch.library.custom_op
-    _triton_forward = _define(f"sparse_attn::{_TRITON_FORWARD}", triton_kernels.forward, mutates_args=())
-    _triton_backward = _define(f"sparse_attn::{_TRITON_BACKWARD}", triton_kernels.backward, mutates_args=())
-    if not _kernels_compiled:
-        torch.library.register_fake(f"sparse_attn::{_TRITON_FORWARD}", _fake_forward)
-        torch.library.register_fake(f"sparse_attn::{_TRITON_BACKWARD}", _fake_backward)
-    torch.library.register_autograd(f"sparse_attn::{_TRITON_FORWARD}", _backward_with(_triton_backward),
-                                    setup_context=_setup_context)
+    return _OP(backend, x, weight, bias, eps)

@@ -1,13 +1,10 @@
-"""Pure-PyTorch reference of the gated depthwise core of Restormer's GDFN (DESIGN.md §5).
-
-``ACTIVATIONS`` is the one source of the activation codes that cross into the kernels: the code
-of an activation is its index here (csrc/common/gated_dwconv.h and the Triton kernels use the
-same numbers; tests/test_gated_dwconv.py checks that they agree).
-"""
+"""Pure-PyTorch reference of the gated depthwise core of Restormer's GDFN (DESIGN.md §5)."""
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = ("gelu", "prelu", "relu2", "identity")
+from ..encodings import GATE_ACTIVATION_CODES
+
+ACTIVATIONS = tuple(GATE_ACTIVATION_CODES)  # "gelu", "prelu", "relu2", "identity"
 
 
 def gate_activation(z, activation, activation_weight=None):
