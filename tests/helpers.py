@@ -4,8 +4,8 @@ no-recompile check of torch.compile.
 
 The tolerance rule (as flash-attention's tests state theirs): a backend run in some dtype may be
 at most twice as far from the float64 reference as the reference itself is when it runs in that
-dtype, plus a floor of a few units in the last place for sums taken in another order (the whole
-allowance in float64, where the reference is the truth)."""
+dtype, plus a floor of a few units in the last place (of the largest true value) for sums taken
+in another order: the whole allowance in float64, where the reference is the truth."""
 import contextlib
 
 import pytest
@@ -65,8 +65,8 @@ def forward_and_grads(fn, inputs, grad_out):
 
 
 # The floor: units in the last place of the largest true value, allowed on top of twice the
-# reference's own error, per dtype. An op whose sums are long may widen it in float64 (where
-# the reference's own error is 0 by definition), saying why.
+# reference's own error, per dtype. An op whose sums are long may widen it in float64 (where the
+# reference's own error is 0 by definition), saying why.
 FLOOR_ULPS = {torch.float64: 8, torch.float32: 8, torch.float16: 2, torch.bfloat16: 2}
 
 

@@ -7,9 +7,12 @@ from helpers import assert_matches_float64_reference, why_not
 
 GRAD_NAMES = ("q", "k", "v", "temperature", "weights")
 NAMES = ("out",) + GRAD_NAMES
-# float64: the kernels sum the N pixels of each score and gradient (thousands) in blocks, in
-# another order than torch's matmuls: measured up to 20 ulps of the largest value.
-FLOOR_ULPS = {torch.float64: 32}
+# The kernels sum in blocks, in another order than torch's matmuls and reductions: each score
+# sums N products (thousands here) and the weights' gradient B·heads·d² of them. Measured: up to
+# 20 ulps of the largest value in float64; in float32 up to 9.1 ulps (the weights' gradient of
+# native at B=2, heads=2, d=13, N=18, found by test_properties.py) where the reference strays
+# 0.4, so the floor, not twice the reference's error, is what bounds it.
+FLOOR_ULPS = {torch.float64: 32, torch.float32: 12}
 
 
 def make_inputs(batch, heads, d, n, dtype=torch.float64, branches=4, layout="contiguous", device="cpu"):
