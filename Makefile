@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP_DEPS    := $(VENV)/.deps-installed
 STAMP_EDITABLE := $(VENV)/.editable-installed
 
-.PHONY: test test-all bench build clean
+.PHONY: test test-all bench build gpu-check clean
 
 # The fast tier: every op and backend (forward, gradients, opcheck, compile) and model parity;
 # tests marked `slow` (more coverage of what the fast tier already covers) run in test-all.
@@ -18,6 +18,12 @@ test-all: build
 
 bench: build
 	$(PY) -m benchmarks
+
+# On a machine with a CUDA device: build, every GPU test file and the GPU benchmark rows of every
+# op and network in at most 8 minutes, one short report (tools/gpu_check.py). Without a device it
+# says so and exits 2.
+gpu-check: $(STAMP_EDITABLE)
+	$(PY) tools/gpu_check.py
 
 build: $(STAMP_EDITABLE)
 	$(PY) setup.py -q build_ext --inplace
