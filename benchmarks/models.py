@@ -47,7 +47,7 @@ def default_specs(sweep):
         not compiled; their inference peak memory at 128², and DRSformer's at 64² (the
         largest-image estimate is drawn through DRSformer's two);
     targets: issue 5's shapes: DRSformer's training step at 128², its inference peak memory at
-        256² and 512²;
+        256² and 512²; issue 15's: Restormer's training step at 128²;
     full: training steps at 128² and 256², inference at 256² and 512², everything compiled and
         every peak measured, and the largest-image bisection."""
     if sweep == "full":
@@ -55,7 +55,7 @@ def default_specs(sweep):
                                                                        ("inference", (256, 512)))
                 for side in sides]
     if sweep == "targets":
-        return [spec("DRSformer", "train", 128, compile=False),
+        return [spec("DRSformer", "train", 128, compile=False), spec("Restormer", "train", 128, compile=False),
                 *(spec("DRSformer", "inference", side, compile=False, peak=True, timed=False) for side in (256, 512))]
     specs = [spec(m, "train", 64, compile=False) for m in ("DRSformer", "DSGformer")]
     specs += [spec(m, "inference", 128, compile=False, peak=m in ("DRSformer", "DSGformer")) for m in MODELS]
@@ -104,12 +104,15 @@ def make_case(spec):
 
 
 def targets(rows):
-    """Issue 5's targets: CPU, fp32, default DRSformer, batch 1."""
+    """Issue 5's targets (DRSformer) and issue 15's (Restormer's training step): CPU, fp32,
+    default configurations, batch 1."""
     train_shape, infer_shape = "B1 3x128x128", "B1 3x512x512"  # measured by --targets and --full
     native = find_row(rows, "DRSformer train step", train_shape, "native")
     reference = find_row(rows, "DRSformer train step", train_shape, "reference (eager)")
     native_512 = find_row(rows, "DRSformer inference", infer_shape, "native")
     reference_512 = find_row(rows, "DRSformer inference", infer_shape, "reference (eager)")
+    restormer = find_row(rows, "Restormer train step", train_shape, "native")
+    restormer_reference = find_row(rows, "Restormer train step", train_shape, "reference (eager)")
     get = lambda row, field: getattr(row, field, None)  # noqa: E731
     return [
         Target("5", f"DRSformer train step {train_shape}: native vs reference", get(native, "speedup_eager_fwdbwd"),
@@ -118,6 +121,10 @@ def targets(rows):
                ratio(get(native, "saved_bytes"), get(reference, "saved_bytes")), "<=", 0.50, "%"),
         Target("5", f"DRSformer inference {infer_shape}: native peak memory / reference's",
                ratio(get(native_512, "peak_bytes"), get(reference_512, "peak_bytes")), "<=", 0.60, "%"),
+        Target("15", f"Restormer train step {train_shape}: native vs reference", get(restormer, "speedup_eager_fwdbwd"),
+               ">=", 1.5),
+        Target("15", f"Restormer train step {train_shape}: native saved bytes / reference's",
+               ratio(get(restormer, "saved_bytes"), get(restormer_reference, "saved_bytes")), "<=", 0.50, "%"),
     ]
 
 

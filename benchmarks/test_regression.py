@@ -9,12 +9,13 @@ with its reason.
 import pytest
 import torch
 
-from benchmarks import attention, models, msfn
+from benchmarks import attention, blocks, models, msfn
 from benchmarks.case import COMPILED
 
 SMALL = [("attention", attention.make_case(attention.level_spec(op, level, 64, compile=False)))
          for op in attention.OPS for level in (1, 4)]
 SMALL += [("msfn", msfn.make_case(msfn.level_spec(part, 1, 32, compile=False))) for part in msfn.PARTS]
+SMALL += [("blocks", blocks.make_case(blocks.level_spec(part, 1, 32, compile=False))) for part in blocks.PARTS]
 SMALL += [("models", models.make_case(models.spec(name, mode, 32, compile=False)))
           for name in models.MODELS for mode in models.MODES]
 PARAMS = [pytest.param(case, variant, id=f"{case.name} {case.shape} {variant.backend}")
