@@ -9,13 +9,17 @@ image each backend restores within ``--mem-budget``.
 import torch
 from torch import nn
 
+import sparse_attn
+import sparse_attn.models
+from sparse_attn.backends import BACKENDS
+
 from .case import COMPILED, EAGER, Case, Skipped, Variant, compile_for_case, require_backend
 from .memory import largest_square
 from .report import Target, find_row, ratio
 
 GROUP = "models"
 MODELS = ("DRSformer", "Restormer", "DSGformer")
-BACKENDS = ("native", "triton")
+OURS = tuple(b for b in BACKENDS if b != "reference")  # the reference backend is the baseline
 MODES = {"train": "train step", "inference": "inference"}
 
 
@@ -27,8 +31,6 @@ class OnBackend(nn.Module):
         self.model, self.backend = model, backend
 
     def forward(self, x):
-        import sparse_attn
-
         with sparse_attn.use_backend(self.backend):
             return self.model(x)
 
@@ -61,9 +63,7 @@ def default_specs(sweep):
 
 
 def _network(name, mode, device, dtype):
-    import sparse_attn.models
-
-    cls = getattr(sparse_attn.models, name)  # AttributeError until the model lands: the row says so
+    cls = getattr(sparse_attn.models, name)
     torch.manual_seed(0)
     model = cls().to(device=device, dtype=dtype)
     return model.train() if mode == "train" else model.eval()
@@ -95,7 +95,7 @@ def make_case(spec):
     variants = [Variant("reference (eager)", reference, EAGER),
                 Variant("reference (compile)", reference_compiled, COMPILED)]
     variants += [Variant(backend, lambda device, dtype, backend=backend: _ours(name, mode, backend, device, dtype))
-                 for backend in BACKENDS]
+                 for backend in OURS]
     train, timed = mode == "train", spec["timed"]
     return Case(group=GROUP, name=f"{name} {MODES[mode]}", shape=f"B{b} 3x{side}x{side}", spec=spec,
                 pixels=side * side, inputs=inputs, variants=variants, time_forward=timed and not train,
@@ -135,7 +135,7 @@ def section(rows, opts, sweep):
     budget = opts.mem_budget_bytes
     lines = [f"\nLargest square image restored without tiling within {budget / 2**30:.1f} GiB (no-grad, batch 1):"]
     for name in MODELS:
-        for backend in ("reference (eager)",) + BACKENDS:
+        for backend in ("reference (eager)",) + OURS:
             measured = sorted((r.pixels, r.peak_bytes) for r in rows
                               if r.name == f"{name} inference" and r.backend == backend and r.peak_bytes)
             if sweep == "full":
@@ -152,7 +152,7 @@ def section(rows, opts, sweep):
 
 def _bisect(name, backend, opts):
     try:
-        side, peak = largest_square(GROUP, lambda s: spec(name, "inference", s, compile=False), backend,
+        side, peak = largest_square(lambda s: make_case(spec(name, "inference", s, compile=False)), backend,
                                     opts.device, opts.mem_budget_bytes)
     except Exception as exc:  # a backend that cannot run is reported, not raised
         return f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"

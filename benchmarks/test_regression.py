@@ -30,7 +30,7 @@ def test_case(benchmark, case, variant, mode):
     try:
         step = case.step(variant, torch.device("cpu"), mode)
         step()
-    except Exception as exc:  # a backend or op that has not landed, or cannot run on CPU
+    except Exception as exc:  # a backend that cannot run on CPU: the skip says why
         pytest.skip(f"{variant.backend} cannot run: {type(exc).__name__}: {str(exc).splitlines()[0][:150]}")
     benchmark.group = f"{case.name} {case.shape} {mode}"
     if case.group == "models":  # seconds per call on CPU even at 32²: a few rounds, not pytest-benchmark's many
