@@ -1,4 +1,5 @@
-"""Model cases: DRSformer, Restormer and the sparse gated deblurring transformer (DSGformer).
+"""Model cases: DRSformer, Restormer, the sparse gated deblurring transformer (DSGformer) and
+Magic-ELF's ALformer.
 
 Each network (default configuration, seeded weights) runs a training step (forward and the
 gradients of every parameter) and a no-grad inference on every backend through
@@ -14,13 +15,15 @@ from .memory import largest_square
 from .report import Target, find_row, ratio
 
 GROUP = "models"
-MODELS = ("DRSformer", "Restormer", "DSGformer")
+MODELS = ("DRSformer", "Restormer", "DSGformer", "ALformer")
 BACKENDS = ("native", "triton")
 MODES = {"train": "train step", "inference": "inference"}
 
 
 class OnBackend(nn.Module):
-    """Runs ``model`` with every op on ``backend`` (sparse_attn.use_backend around the call)."""
+    """Runs ``model`` with every op on ``backend`` (sparse_attn.use_backend around the call).
+    A network with several outputs (ALformer) is run through its ``restore``: the restored image
+    alone, whose gradient reaches every parameter."""
 
     def __init__(self, model, backend):
         super().__init__()
@@ -30,7 +33,7 @@ class OnBackend(nn.Module):
         import sparse_attn
 
         with sparse_attn.use_backend(self.backend):
-            return self.model(x)
+            return getattr(self.model, "restore", self.model)(x)
 
 
 def spec(model, mode, side, compile=True, peak=False, timed=True):
@@ -41,11 +44,12 @@ def spec(model, mode, side, compile=True, peak=False, timed=True):
 def default_specs(sweep):
     """The full networks are slow on a small CPU (DRSformer's training step takes about a minute at
     64² on 2 busy cores, several at 128²), so:
-    quick: DRSformer's and DSGformer's training steps at 64², every model's inference at 128²,
-        not compiled; their inference peak memory at 128², and DRSformer's at 64² (the
+    quick: DRSformer's, DSGformer's and ALformer's training steps at 64², every model's
+        inference at 128², not compiled; their inference peak memory at 128², and DRSformer's at 64² (the
         largest-image estimate is drawn through DRSformer's two);
     targets: issue 5's shapes: DRSformer's training step at 128², its inference peak memory at
-        256² and 512²;
+        256² and 512²; issue 14's: ALformer's training step at 128², its inference at 256² and
+        512² (time and peak memory);
     full: training steps at 128² and 256², inference at 256² and 512², everything compiled and
         every peak measured, and the largest-image bisection."""
     if sweep == "full":
@@ -54,8 +58,10 @@ def default_specs(sweep):
                 for side in sides]
     if sweep == "targets":
         return [spec("DRSformer", "train", 128, compile=False),
-                *(spec("DRSformer", "inference", side, compile=False, peak=True, timed=False) for side in (256, 512))]
-    specs = [spec(m, "train", 64, compile=False) for m in ("DRSformer", "DSGformer")]
+                *(spec("DRSformer", "inference", side, compile=False, peak=True, timed=False) for side in (256, 512)),
+                spec("ALformer", "train", 128, compile=False, peak=True),
+                *(spec("ALformer", "inference", side, compile=False, peak=True) for side in (256, 512))]
+    specs = [spec(m, "train", 64, compile=False) for m in ("DRSformer", "DSGformer", "ALformer")]
     specs += [spec(m, "inference", 128, compile=False, peak=m in ("DRSformer", "DSGformer")) for m in MODELS]
     return specs + [spec("DRSformer", "inference", 64, compile=False, peak=True, timed=False)]
 
@@ -104,7 +110,7 @@ def make_case(spec):
 
 
 def targets(rows):
-    """Issue 5's targets: CPU, fp32, default DRSformer, batch 1."""
+    """Issue 5's targets (default DRSformer) and issue 14's (default ALformer): CPU, fp32, batch 1."""
     train_shape, infer_shape = "B1 3x128x128", "B1 3x512x512"  # measured by --targets and --full
     native = find_row(rows, "DRSformer train step", train_shape, "native")
     reference = find_row(rows, "DRSformer train step", train_shape, "reference (eager)")
@@ -118,6 +124,18 @@ def targets(rows):
                ratio(get(native, "saved_bytes"), get(reference, "saved_bytes")), "<=", 0.50, "%"),
         Target("5", f"DRSformer inference {infer_shape}: native peak memory / reference's",
                ratio(get(native_512, "peak_bytes"), get(reference_512, "peak_bytes")), "<=", 0.60, "%"),
+        *_alformer_targets(rows, train_shape),
+    ]
+
+
+def _alformer_targets(rows, train_shape):
+    native = find_row(rows, "ALformer train step", train_shape, "native")
+    reference = find_row(rows, "ALformer train step", train_shape, "reference (eager)")
+    return [
+        Target("14", f"ALformer train step {train_shape}: native vs reference",
+               getattr(native, "speedup_eager_fwdbwd", None), ">=", 1.3),
+        Target("14", f"ALformer train step {train_shape}: native saved bytes / reference's",
+               ratio(getattr(native, "saved_bytes", None), getattr(reference, "saved_bytes", None)), "<=", 0.70, "%"),
     ]
 
 
