@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_attn.nn import ChannelAttention, MultiInputTransformerBlock, PReLUGatedFFN
+from sparse_attn.nn.input_checks import check_feature_map
 
+from .checkpoint import CheckpointMixin
 from .common import TransformerBlock, pad_to_multiple
 
 SIZE_MULTIPLE = 16  # a 2x downsampling in front of the three 2x levels of the encoders
@@ -352,7 +354,11 @@ class SSNet(nn.Module):
         return self.tail(shuffle_up(self.deep_conv(fused_fea), 2)) + self.up_recon_b(rain)
 
 
-class ALformer(nn.Module):
+def _mentions_mask(keys):
+    return any(".degradation_mask." in k for k in keys)
+
+
+class ALformer(CheckpointMixin, nn.Module):
     """Magic-ELF's ALformer: rain prediction (``dsnet``) and background recovery (``ssnet``)
     associated by the multi-input attention.
 
@@ -371,6 +377,11 @@ class ALformer(nn.Module):
     As upstream, ``num_cab`` is accepted and unused (each ORB has five Restormer blocks), and
     the network works on 3-channel images (``in_c`` and ``out_c`` must be 3). The default
     configuration has 1,223,972 parameters.
+
+    Checkpoints load with :meth:`load_pretrained` / :meth:`from_pretrained`
+    (:class:`~sparse_attn.models.checkpoint.CheckpointMixin`); DataParallel's ``module.`` prefix
+    is dropped. The official training script saves ``{"state_dict": ..., "epoch": ...,
+    "optimizer": ...}``: read it with ``ALformer().load_pretrained(path, param_key="state_dict")``.
 
     Any H, W of at least 9 is accepted: the image is reflect-padded at the bottom and right to a
     multiple of 16 (what the official network needs) and both outputs are cropped back.
@@ -392,11 +403,10 @@ class ALformer(nn.Module):
 
     def forward(self, x_img):
         """(B, 3, H, W) -> ``[restored (B, 3, H, W), background (B, 3, ceil(H/2), ceil(W/2))]``."""
-        if not isinstance(x_img, torch.Tensor):
-            raise TypeError(f"x_img: expected a tensor, got {type(x_img).__name__}")
-        if x_img.dim() != 4 or x_img.shape[1] != 3:
-            raise ValueError(f"x_img: expected (B, 3, H, W), got {tuple(x_img.shape)}")
-        h, w = x_img.shape[-2:]
+        check_feature_map(self, x_img, 3, name="x_img")
+        b, _, h, w = x_img.shape
+        if b == 0:  # reflect padding takes no empty batch: an empty batch restores to empty outputs
+            return [x_img.new_empty((0, 3, h, w)), x_img.new_empty((0, 3, (h + 1) // 2, (w + 1) // 2))]
         padded = pad_to_multiple(x_img, SIZE_MULTIPLE)
         dsnet_out = self.dsnet(padded)
         restored = padded - self.ssnet(padded, dsnet_out)
@@ -408,3 +418,14 @@ class ALformer(nn.Module):
 
     def extra_repr(self):
         return f"n_feat={self.n_feat}, topk={self.topk}, degradation_mask={self.degradation_mask}"
+
+    # -- checkpoints (load_pretrained / from_pretrained: CheckpointMixin) -----------------------
+    def _config_summary(self):
+        return f"n_feat={self.n_feat}, bias={self.bias}, degradation_mask={self.degradation_mask}"
+
+    def _checkpoint_hint(self, missing, unexpected):
+        if _mentions_mask(unexpected) and not self.degradation_mask:
+            return "the checkpoint has the degradation mask: construct ALformer(degradation_mask=True)"
+        if _mentions_mask(missing) and self.degradation_mask:
+            return "the checkpoint has no degradation mask (the official network): construct ALformer()"
+        return ""

@@ -10,6 +10,7 @@ from torch import nn
 
 import sparse_attn
 from sparse_attn.models import ALformer
+from sparse_attn.models.checkpoint import CheckpointError
 from sparse_attn.models.alformer import quadrants_to_channels, shuffle_up
 from sparse_attn.nn import MultiInputAttention, MultiInputTransformerBlock, PReLUGatedFFN
 
@@ -89,6 +90,11 @@ def test_multi_input_attention_arguments():
         module(x, torch.randn(1, 6, 4, 4), x)
     with pytest.raises(ValueError, match="v_fea: expected the shape of q_fea"):
         module(x, x, torch.randn(1, 8, 4, 5))
+    with pytest.raises(TypeError, match="q_fea: expected the module's dtype float32, got float64"):
+        module(x.double(), x, x)
+    block = MultiInputTransformerBlock(8, 1, 2.66, False, "WithBias", feedforward=PReLUGatedFFN)
+    with pytest.raises(ValueError, match=r"value: expected \(B, 8, H, W\)"):
+        block(x, x, torch.randn(1, 4, 4, 4))
 
 
 def _plain_block(block, key, query, value):
@@ -222,6 +228,44 @@ def test_constructor_arguments():
 
 
 # ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+@needs_fixtures
+@pytest.mark.parametrize("layout", ["bare", "dataparallel", "official_training_file"])
+def test_official_checkpoints_load_strictly(tmp_path, layout):
+    fixture = load_fixture(FIXTURE)
+    state_dict = fixture["state_dict"]
+    if layout != "bare":  # the official training script wraps the network in DataParallel
+        state_dict = {f"module.{k}": v for k, v in state_dict.items()}
+    checkpoint = {"epoch": 250, "state_dict": state_dict, "optimizer": {"state": {}, "param_groups": [{"lr": 2e-4}]}} \
+        if layout == "official_training_file" else state_dict
+    path = tmp_path / "model_best.pth"
+    torch.save(checkpoint, path)
+    if layout == "official_training_file":
+        model = ALformer(**fixture["config"]).load_pretrained(path, param_key="state_dict")
+    else:
+        model = ALformer.from_pretrained(path, **fixture["config"])
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, fixture["state_dict"][key]), key
+    with torch.no_grad():
+        restored = model.double()(fixture["input"])[0]
+    torch.testing.assert_close(restored, fixture["output"][0], rtol=0, atol=1e-10)
+
+
+def test_checkpoint_of_the_masked_network_says_so(tmp_path):
+    masked = ALformer(**SMALL, degradation_mask=True)
+    path = tmp_path / "masked.pth"
+    torch.save(masked.state_dict(), path)
+    with pytest.raises(CheckpointError, match=r"(?s)unexpected keys \(2\): ssnet\.stem\.former\.degradation_mask\.bias.*"
+                                              r"construct ALformer\(degradation_mask=True\)"):
+        ALformer(**SMALL).load_pretrained(path)
+    ALformer(**SMALL, degradation_mask=True).load_pretrained(path)
+    torch.save(ALformer(**SMALL).state_dict(), path)
+    with pytest.raises(CheckpointError, match=r"missing keys \(2\)[\s\S]*construct ALformer\(\)"):
+        ALformer(**SMALL, degradation_mask=True).load_pretrained(path)
+
+
+# ---------------------------------------------------------------------------------------------
 # Inputs
 # ---------------------------------------------------------------------------------------------
 def test_odd_sizes_are_reflect_padded_to_16_and_cropped():
@@ -247,6 +291,21 @@ def test_input_errors():
         model([[1.0]])
     with pytest.raises(ValueError, match="too small"):
         model(torch.randn(1, 3, 8, 16))
+    with pytest.raises(TypeError, match=r"x_img: expected a floating-point tensor .* got uint8"):
+        model(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="x_img: expected the module's dtype float32, got float64"):
+        model(torch.zeros(1, 3, 16, 16, dtype=torch.float64))
+
+
+def test_empty_batches():
+    restored, background = ALformer(**SMALL)(torch.rand(0, 3, 13, 21))
+    assert restored.shape == (0, 3, 13, 21) and background.shape == (0, 3, 7, 11)
+    block = _block()
+    x = torch.rand(0, 8, 5, 7, dtype=torch.float64, requires_grad=True)
+    out = block(x, x, x)
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert x.grad.shape == x.shape
 
 
 # ---------------------------------------------------------------------------------------------

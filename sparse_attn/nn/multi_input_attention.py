@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..ops.sparse_channel_attention import sparse_channel_attention
+from .input_checks import check_feature_map
 from .norm import LayerNorm2d
 
 
@@ -28,6 +29,15 @@ def kept_per_row(d, topk):
     if kept < 1:
         raise ValueError(f"topk: a keep fraction of {topk} keeps no channel of d = {d}")
     return kept
+
+
+def _check_same_shape(module, channels, **maps):
+    """Each map a (B, channels, H, W) tensor that ``module`` can take, all of the first's shape."""
+    (first_name, first), *_ = maps.items()
+    for name, x in maps.items():
+        check_feature_map(module, x, channels, name=name)
+        if x.shape != first.shape:
+            raise ValueError(f"{name}: expected the shape of {first_name} {tuple(first.shape)}, got {tuple(x.shape)}")
 
 
 class MultiInputAttention(nn.Module):
@@ -64,16 +74,15 @@ class MultiInputAttention(nn.Module):
 
     def forward(self, q_fea, k_fea, v_fea):
         """Three (B, dim, H, W) maps of one shape -> (B, dim, H, W)."""
-        for name, t in (("q_fea", q_fea), ("k_fea", k_fea), ("v_fea", v_fea)):
-            if t.dim() != 4 or t.shape[1] != self.dim:
-                raise ValueError(f"{name}: expected (B, {self.dim}, H, W), got {tuple(t.shape)}")
-            if t.shape != q_fea.shape:
-                raise ValueError(f"{name}: expected the shape of q_fea {tuple(q_fea.shape)}, got {tuple(t.shape)}")
+        _check_same_shape(self, self.dim, q_fea=q_fea, k_fea=k_fea, v_fea=v_fea)
         b, c, h, w = q_fea.shape
+        v = self.v(v_fea)
+        if b == 0:  # the op takes no empty tensor; the attention of an empty batch is that batch
+            return self.project_out(v)
         shape = (b, self.num_heads, c // self.num_heads, h * w)
-        q, k, v = (conv(t).reshape(shape) for conv, t in ((self.q, q_fea), (self.k, k_fea), (self.v, v_fea)))
+        q, k = self.q(q_fea).reshape(shape), self.k(k_fea).reshape(shape)
         weights = torch.ones(1, dtype=q.dtype, device=q.device)
-        out = sparse_channel_attention(q, k, v, self.temperature, weights, (self.kept,), "softmax",
+        out = sparse_channel_attention(q, k, v.reshape(shape), self.temperature, weights, (self.kept,), "softmax",
                                        backend=self.backend)
         return self.project_out(out.reshape(b, c, h, w))
 
@@ -108,6 +117,7 @@ class MultiInputTransformerBlock(nn.Module):
     def __init__(self, dim, num_heads, ffn_expansion_factor, bias, LayerNorm_type, feedforward,  # noqa: N803
                  topk=None, degradation_mask=False, backend="auto"):
         super().__init__()
+        self.dim = dim
         self.norm_key = LayerNorm2d(dim, LayerNorm_type)
         self.norm_query = LayerNorm2d(dim, LayerNorm_type)
         self.norm_value = LayerNorm2d(dim, LayerNorm_type)
@@ -118,6 +128,7 @@ class MultiInputTransformerBlock(nn.Module):
 
     def forward(self, key, query, value):
         """Three (B, dim, H, W) maps -> (B, dim, H, W): ``value`` plus attention, plus FFN."""
+        _check_same_shape(self, self.dim, key=key, query=query, value=value)
         q_fea, k_fea, v_fea = self.norm_key(key), self.norm_query(query), self.norm_value(value)
         if self.degradation_mask is not None:
             gate = 1 + torch.sigmoid(self.degradation_mask(q_fea))

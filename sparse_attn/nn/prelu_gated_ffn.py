@@ -2,6 +2,7 @@
 from torch import nn
 
 from .gated_dconv_ffn import GatedDconvFFN
+from .input_checks import check_feature_map
 
 
 class PReLUGatedFFN(GatedDconvFFN):
@@ -17,6 +18,8 @@ class PReLUGatedFFN(GatedDconvFFN):
         self.act1 = nn.PReLU()
 
     def forward(self, x):
+        """(B, dim, H, W) -> (B, dim, H, W)."""
+        check_feature_map(self, x, self.dim)
         return self.project_out(self.gated_dwconv(self.project_in(x)))
 
     def gated_dwconv(self, x):
