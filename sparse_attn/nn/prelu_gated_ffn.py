@@ -20,9 +20,9 @@ class PReLUGatedFFN(GatedDconvFFN):
     def forward(self, x):
         """(B, dim, H, W) -> (B, dim, H, W)."""
         check_feature_map(self, x, self.dim)
-        return self.project_out(self.gated_dwconv(self.project_in(x)))
+        return self.project_out(self.gated_core(self.project_in(x)))
 
-    def gated_dwconv(self, x):
+    def gated_core(self, x):
         """(B, 2h, H, W) -> (B, h, H, W): the depthwise convolution and the gate, the part that
         the fused gated depthwise op will take over (activation "prelu", slope ``act1.weight``)."""
         x1, x2 = self.dwconv(x).chunk(2, dim=1)
