@@ -10,13 +10,17 @@ image each backend restores within ``--mem-budget``.
 import torch
 from torch import nn
 
+import sparse_attn
+import sparse_attn.models
+from sparse_attn.backends import BACKENDS
+
 from .case import COMPILED, EAGER, Case, Skipped, Variant, compile_for_case, require_backend
 from .memory import largest_square
 from .report import Target, find_row, ratio
 
 GROUP = "models"
 MODELS = ("DRSformer", "Restormer", "DSGformer", "ALformer")
-BACKENDS = ("native", "triton")
+OURS = tuple(b for b in BACKENDS if b != "reference")  # the reference backend is the baseline
 MODES = {"train": "train step", "inference": "inference"}
 
 
@@ -30,8 +34,6 @@ class OnBackend(nn.Module):
         self.model, self.backend = model, backend
 
     def forward(self, x):
-        import sparse_attn
-
         with sparse_attn.use_backend(self.backend):
             return getattr(self.model, "restore", self.model)(x)
 
@@ -48,8 +50,8 @@ def default_specs(sweep):
         inference at 128², not compiled; their inference peak memory at 128², and DRSformer's at 64² (the
         largest-image estimate is drawn through DRSformer's two);
     targets: issue 5's shapes: DRSformer's training step at 128², its inference peak memory at
-        256² and 512²; issue 14's: ALformer's training step at 128², its inference at 256² and
-        512² (time and peak memory);
+        256² and 512²; issue 15's: Restormer's training step at 128²; issue 14's: ALformer's
+        training step at 128², its inference at 256² and 512² (time and peak memory);
     full: training steps at 128² and 256², inference at 256² and 512², everything compiled and
         every peak measured, and the largest-image bisection."""
     if sweep == "full":
@@ -57,7 +59,7 @@ def default_specs(sweep):
                                                                        ("inference", (256, 512)))
                 for side in sides]
     if sweep == "targets":
-        return [spec("DRSformer", "train", 128, compile=False),
+        return [spec("DRSformer", "train", 128, compile=False), spec("Restormer", "train", 128, compile=False),
                 *(spec("DRSformer", "inference", side, compile=False, peak=True, timed=False) for side in (256, 512)),
                 spec("ALformer", "train", 128, compile=False, peak=True),
                 *(spec("ALformer", "inference", side, compile=False, peak=True) for side in (256, 512))]
@@ -67,9 +69,7 @@ def default_specs(sweep):
 
 
 def _network(name, mode, device, dtype):
-    import sparse_attn.models
-
-    cls = getattr(sparse_attn.models, name)  # AttributeError until the model lands: the row says so
+    cls = getattr(sparse_attn.models, name)
     torch.manual_seed(0)
     model = cls().to(device=device, dtype=dtype)
     return model.train() if mode == "train" else model.eval()
@@ -101,7 +101,7 @@ def make_case(spec):
     variants = [Variant("reference (eager)", reference, EAGER),
                 Variant("reference (compile)", reference_compiled, COMPILED)]
     variants += [Variant(backend, lambda device, dtype, backend=backend: _ours(name, mode, backend, device, dtype))
-                 for backend in BACKENDS]
+                 for backend in OURS]
     train, timed = mode == "train", spec["timed"]
     return Case(group=GROUP, name=f"{name} {MODES[mode]}", shape=f"B{b} 3x{side}x{side}", spec=spec,
                 pixels=side * side, inputs=inputs, variants=variants, time_forward=timed and not train,
@@ -110,12 +110,17 @@ def make_case(spec):
 
 
 def targets(rows):
-    """Issue 5's targets (default DRSformer) and issue 14's (default ALformer): CPU, fp32, batch 1."""
+    """Issue 5's targets (DRSformer), issue 15's (Restormer's training step) and issue 14's
+    (ALformer's training step): CPU, fp32, default configurations, batch 1."""
     train_shape, infer_shape = "B1 3x128x128", "B1 3x512x512"  # measured by --targets and --full
     native = find_row(rows, "DRSformer train step", train_shape, "native")
     reference = find_row(rows, "DRSformer train step", train_shape, "reference (eager)")
     native_512 = find_row(rows, "DRSformer inference", infer_shape, "native")
     reference_512 = find_row(rows, "DRSformer inference", infer_shape, "reference (eager)")
+    restormer = find_row(rows, "Restormer train step", train_shape, "native")
+    restormer_reference = find_row(rows, "Restormer train step", train_shape, "reference (eager)")
+    elf = find_row(rows, "ALformer train step", train_shape, "native")
+    elf_reference = find_row(rows, "ALformer train step", train_shape, "reference (eager)")
     get = lambda row, field: getattr(row, field, None)  # noqa: E731
     return [
         Target("5", f"DRSformer train step {train_shape}: native vs reference", get(native, "speedup_eager_fwdbwd"),
@@ -124,18 +129,14 @@ def targets(rows):
                ratio(get(native, "saved_bytes"), get(reference, "saved_bytes")), "<=", 0.50, "%"),
         Target("5", f"DRSformer inference {infer_shape}: native peak memory / reference's",
                ratio(get(native_512, "peak_bytes"), get(reference_512, "peak_bytes")), "<=", 0.60, "%"),
-        *_alformer_targets(rows, train_shape),
-    ]
-
-
-def _alformer_targets(rows, train_shape):
-    native = find_row(rows, "ALformer train step", train_shape, "native")
-    reference = find_row(rows, "ALformer train step", train_shape, "reference (eager)")
-    return [
-        Target("14", f"ALformer train step {train_shape}: native vs reference",
-               getattr(native, "speedup_eager_fwdbwd", None), ">=", 1.3),
+        Target("15", f"Restormer train step {train_shape}: native vs reference", get(restormer, "speedup_eager_fwdbwd"),
+               ">=", 1.5),
+        Target("15", f"Restormer train step {train_shape}: native saved bytes / reference's",
+               ratio(get(restormer, "saved_bytes"), get(restormer_reference, "saved_bytes")), "<=", 0.50, "%"),
+        Target("14", f"ALformer train step {train_shape}: native vs reference", get(elf, "speedup_eager_fwdbwd"),
+               ">=", 1.3),
         Target("14", f"ALformer train step {train_shape}: native saved bytes / reference's",
-               ratio(getattr(native, "saved_bytes", None), getattr(reference, "saved_bytes", None)), "<=", 0.70, "%"),
+               ratio(get(elf, "saved_bytes"), get(elf_reference, "saved_bytes")), "<=", 0.70, "%"),
     ]
 
 
@@ -146,7 +147,7 @@ def section(rows, opts, sweep):
     budget = opts.mem_budget_bytes
     lines = [f"\nLargest square image restored without tiling within {budget / 2**30:.1f} GiB (no-grad, batch 1):"]
     for name in MODELS:
-        for backend in ("reference (eager)",) + BACKENDS:
+        for backend in ("reference (eager)",) + OURS:
             measured = sorted((r.pixels, r.peak_bytes) for r in rows
                               if r.name == f"{name} inference" and r.backend == backend and r.peak_bytes)
             if sweep == "full":
@@ -163,7 +164,7 @@ def section(rows, opts, sweep):
 
 def _bisect(name, backend, opts):
     try:
-        side, peak = largest_square(GROUP, lambda s: spec(name, "inference", s, compile=False), backend,
+        side, peak = largest_square(lambda s: make_case(spec(name, "inference", s, compile=False)), backend,
                                     opts.device, opts.mem_budget_bytes)
     except Exception as exc:  # a backend that cannot run is reported, not raised
         return f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"

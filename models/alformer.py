@@ -7,8 +7,9 @@ Two sub-networks meet in a multi-input attention: ``dsnet`` predicts the rain at
 resolution, its queries coming from the rain features and its keys and values from the image
 features (:class:`sparse_attn.nn.MultiInputTransformerBlock`). Every attention block -- the
 multi-input one and the twelve Restormer blocks -- runs on :func:`sparse_attn.sparse_channel_attention`,
-so :func:`sparse_attn.use_backend` moves them all at once. The feed-forward networks are
-:class:`sparse_attn.nn.PReLUGatedFFN` (plain PyTorch); the remaining parts (channel-attention
+its norms on :func:`sparse_attn.layer_norm2d` and its feed-forward networks
+(:class:`sparse_attn.nn.PReLUGatedFFN`) on :func:`sparse_attn.gated_dwconv`, so
+:func:`sparse_attn.use_backend` moves them all at once; the remaining parts (channel-attention
 blocks, fusion blocks, resampling) are ordinary convolutions.
 
 Upstream quirks kept because checkpoints or outputs depend on them (each noted where it lives):
@@ -249,7 +250,7 @@ def restormer_block(n_feat, heads, bias, backend):
     """Upstream's ``RestormerBlock``: MDTA (on the fused op) and the PReLU-gated FFN."""
     return TransformerBlock(n_feat, heads, FFN_EXPANSION, bias, LAYER_NORM_TYPE,
                             attention=functools.partial(ChannelAttention, backend=backend),
-                            feedforward=PReLUGatedFFN)
+                            feedforward=functools.partial(PReLUGatedFFN, backend=backend), backend=backend)
 
 
 class ORB(nn.Module):
@@ -285,9 +286,9 @@ class STEM(nn.Module):
         self.conv_stem0 = conv(3, n_feat, kernel_size, bias=bias, stride=2)
         self.conv_stem2 = conv(3, n_feat, kernel_size, bias=bias)
         # bias=False and one head whatever the network's arguments, as upstream.
-        self.former = MultiInputTransformerBlock(n_feat, 1, FFN_EXPANSION, False, LAYER_NORM_TYPE,
-                                                 feedforward=PReLUGatedFFN, topk=topk,
-                                                 degradation_mask=degradation_mask, backend=backend)
+        feedforward = functools.partial(PReLUGatedFFN, backend=backend)
+        self.former = MultiInputTransformerBlock(n_feat, 1, FFN_EXPANSION, False, LAYER_NORM_TYPE, feedforward,
+                                                 topk=topk, degradation_mask=degradation_mask, backend=backend)
         self.conv_stem3 = conv(3, n_feat, kernel_size, bias=bias)
         self.S2FB = FuseTwo(n_feat, reduction, bias)
 
@@ -372,7 +373,7 @@ class ALformer(CheckpointMixin, nn.Module):
         degradation_mask: add the 2023 extension's degradation mask to the multi-input block
             (our reconstruction; see :class:`sparse_attn.nn.MultiInputTransformerBlock`). Off by
             default: the official network.
-        backend: the op backend of every attention block ("auto" honours
+        backend: the op backend of every attention, norm and feed-forward block ("auto" honours
             :func:`sparse_attn.use_backend`).
     As upstream, ``num_cab`` is accepted and unused (each ORB has five Restormer blocks), and
     the network works on 3-channel images (``in_c`` and ``out_c`` must be 3). The default

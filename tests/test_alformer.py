@@ -153,7 +153,9 @@ def test_prelu_gated_ffn_is_elfs_feedforward():
     h = F.conv2d(F.conv2d(x, ffn.project_in.weight, ffn.project_in.bias), ffn.dwconv.weight, ffn.dwconv.bias,
                  padding=1, groups=84)
     expected = F.conv2d(F.prelu(h[:, :42], ffn.act1.weight) * h[:, 42:], ffn.project_out.weight, ffn.project_out.bias)
-    torch.testing.assert_close(ffn(x), expected, rtol=1e-13, atol=1e-13)
+    for backend in _float64_backends():
+        with sparse_attn.use_backend(backend):
+            torch.testing.assert_close(ffn(x), expected, rtol=1e-13, atol=1e-13)
 
 
 def test_shuffle_up_reads_offsets_column_major():

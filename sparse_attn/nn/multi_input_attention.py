@@ -103,7 +103,9 @@ class MultiInputTransformerBlock(nn.Module):
     Args:
         dim, num_heads, ffn_expansion_factor, bias, LayerNorm_type: as the official block.
         feedforward: called as ``feedforward(dim, ffn_expansion_factor, bias)``.
-        topk, backend: of the attention (:class:`MultiInputAttention`).
+        topk: of the attention (:class:`MultiInputAttention`).
+        backend: the op backend of the attention and the norms ("auto" honours
+            :func:`sparse_attn.use_backend`); the feed-forward is built by ``feedforward``.
         degradation_mask: ``False`` (default) is the official block. ``True`` adds the
             degradation mask of the 2023 extension ("Dynamic Association Learning of
             Self-Attention and Convolution in Image Restoration", Jiang et al.), whose code is
@@ -118,11 +120,11 @@ class MultiInputTransformerBlock(nn.Module):
                  topk=None, degradation_mask=False, backend="auto"):
         super().__init__()
         self.dim = dim
-        self.norm_key = LayerNorm2d(dim, LayerNorm_type)
-        self.norm_query = LayerNorm2d(dim, LayerNorm_type)
-        self.norm_value = LayerNorm2d(dim, LayerNorm_type)
+        self.norm_key = LayerNorm2d(dim, LayerNorm_type, backend=backend)
+        self.norm_query = LayerNorm2d(dim, LayerNorm_type, backend=backend)
+        self.norm_value = LayerNorm2d(dim, LayerNorm_type, backend=backend)
         self.attn = MultiInputAttention(dim, num_heads, bias, topk=topk, backend=backend)
-        self.norm2 = LayerNorm2d(dim, LayerNorm_type)
+        self.norm2 = LayerNorm2d(dim, LayerNorm_type, backend=backend)
         self.ffn = feedforward(dim, ffn_expansion_factor, bias)
         self.degradation_mask = nn.Conv2d(dim, dim, kernel_size=1, bias=True) if degradation_mask else None
 
