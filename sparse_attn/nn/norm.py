@@ -48,6 +48,8 @@ class LayerNorm2d(nn.Module):
         check_feature_map(self, x, self.dim)
         if x.shape[0] == 0:
             return x.clone()  # the op takes no empty tensor: nothing to normalise
+        if x.dtype != self.body.weight.dtype:  # under autocast: normalise in the parameters' dtype, as
+            x = x.to(self.body.weight.dtype)   # autocast runs layer_norm in float32
         return layer_norm2d(x, self.body.weight, self.body.bias, EPS, backend=self.backend)
 
     def extra_repr(self):
