@@ -10,7 +10,7 @@ import torch
 from sparse_attn.models import DRSformer, DSGformer, Restormer
 from sparse_attn.models.drsformer import MEFC
 from sparse_attn.nn import (ChannelAttention, ChannelAttentionBase, DeepSparseAttention, FrequencyGatedFFN,
-                            GatedDconvFFN, LayerNorm2d, MixedScaleFFN, TopKChannelAttention)
+                            GatedDconvFFN, LayerNorm2d, MixedScaleFFN, PReLUGatedFFN, TopKChannelAttention)
 
 MODULES = {
     "TopKChannelAttention": functools.partial(TopKChannelAttention, 16, 2, False),
@@ -18,6 +18,7 @@ MODULES = {
     "DeepSparseAttention": functools.partial(DeepSparseAttention, 16, 2, False),
     "MixedScaleFFN": functools.partial(MixedScaleFFN, 16, 2.66, False),
     "GatedDconvFFN": functools.partial(GatedDconvFFN, 16, 2.66, False),
+    "PReLUGatedFFN": functools.partial(PReLUGatedFFN, 16, 2.66, False),
     "FrequencyGatedFFN": functools.partial(FrequencyGatedFFN, 16, 2.66, False),
     "LayerNorm2d": functools.partial(LayerNorm2d, 16),
     "LayerNorm2d_BiasFree": functools.partial(LayerNorm2d, 16, "BiasFree"),
