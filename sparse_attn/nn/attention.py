@@ -29,8 +29,14 @@ class _ChannelAttentionBase(nn.Module):
                                     groups=dim * 3, bias=bias)
         self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
 
-    def _attend(self, q, k, v):
+    def branches(self, d):
+        """(weights, topk, activation) of the attention op for d channels per head: the branch
+        weights (R,), the kept counts and the activations, one per branch."""
         raise NotImplementedError
+
+    def _attend(self, q, k, v):
+        weights, topk, activation = self.branches(q.shape[2])
+        return sparse_channel_attention(q, k, v, self.temperature, weights, topk, activation, backend=self.backend)
 
     def forward(self, x):
         if x.dim() != 4 or x.shape[1] != self.dim:
@@ -61,17 +67,14 @@ class TopKChannelAttention(_ChannelAttentionBase):
         self.attn3 = nn.Parameter(torch.tensor([0.2]))
         self.attn4 = nn.Parameter(torch.tensor([0.2]))
 
-    def _attend(self, q, k, v):
-        weights = torch.cat([self.attn1, self.attn2, self.attn3, self.attn4])
-        return sparse_channel_attention(q, k, v, self.temperature, weights, drsformer_topk(q.shape[2]),
-                                        "softmax", backend=self.backend)
+    def branches(self, d):
+        topk = drsformer_topk(d)
+        return torch.cat([self.attn1, self.attn2, self.attn3, self.attn4]), topk, ("softmax",) * len(topk)
 
 
 class ChannelAttention(_ChannelAttentionBase):
     """Restormer's multi-Dconv head transposed attention (MDTA): one dense softmax branch,
     run on the same op with ``topk=(d,)``."""
 
-    def _attend(self, q, k, v):
-        weights = torch.ones(1, dtype=q.dtype, device=q.device)
-        return sparse_channel_attention(q, k, v, self.temperature, weights, (q.shape[2],), "softmax",
-                                        backend=self.backend)
+    def branches(self, d):
+        return self.temperature.new_ones(1), (d,), ("softmax",)
