@@ -164,3 +164,4 @@ def test_every_sweep_builds_its_cases_and_covers_the_targets():
     assert ("top-k attention", "B1 heads1 d48 256x256") in shapes
     assert ("MSFN core", "B1 C254 256x256") in shapes and ("MixedScaleFFN", "B1 dim48 256x256") in shapes
     assert ("DRSformer train step", "B1 3x128x128") in shapes and ("DRSformer inference", "B1 3x512x512") in shapes
+    assert ("DRSformer full image", "B1 3x1024x1024") in shapes
