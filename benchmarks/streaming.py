@@ -151,3 +151,70 @@ def tiled_against_exact(name, device):
     psnr = math.inf if mse == 0 else 10 * math.log10(1 / mse)
     return (f"{name:10} {tuple(image.shape[-2:])}: max |tiled - exact| {difference.max().item():.4f}, "
             f"PSNR(tiled, exact) {psnr:.1f} dB (seeded weights, not a trained checkpoint)")
+
+
+# ---------------------------------------------------------------------------------------------
+# One cold measurement per way, each in a fresh process: `python -m benchmarks.streaming`
+# ---------------------------------------------------------------------------------------------
+def _measure_child(name, side, backend, how, band_rows):
+    """In this process: (peak bytes above the baseline, seconds) of one restoration of a
+    side x side image, after a warm-up at 64² (library initialisation, not this size's work)."""
+    import time
+
+    from .memory import cpu_peak_bytes_here
+
+    model = _network(name, "cpu", torch.float32)
+    restore = Restore(model, backend, how, band_rows)
+    with torch.no_grad():
+        restore(torch.rand(1, 3, 64, 64))
+        image = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0))
+        started = time.perf_counter()
+        peak = cpu_peak_bytes_here(lambda: restore(image), warmup=False)
+        return peak, time.perf_counter() - started
+
+
+def main(argv=None):
+    import argparse
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from .memory import _CHILD_ENV
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.streaming",
+                                     description="Peak memory and time of forward, forward_streaming and tiled "
+                                                 "inference, one cold run each in a fresh process (CPU, fp32).")
+    parser.add_argument("--model", default="DRSformer", choices=MODELS)
+    parser.add_argument("--side", type=int, default=1024)
+    parser.add_argument("--backend", default="native")
+    parser.add_argument("--band-rows", type=int, default=BAND_ROWS)
+    parser.add_argument("--ways", default="forward,streaming")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        peak, seconds = _measure_child(args.model, args.side, args.backend, args.ways, args.band_rows)
+        print(json.dumps({"peak": peak, "seconds": seconds}))
+        return
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, **_CHILD_ENV, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    results = {}
+    for how in args.ways.split(","):
+        command = [sys.executable, "-m", "benchmarks.streaming", "--child", "--model", args.model, "--side",
+                   str(args.side), "--backend", args.backend, "--band-rows", str(args.band_rows), "--ways", how]
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode:
+            print(f"{how}: failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+            continue
+        results[how] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"{args.model} {args.side}x{args.side} {args.backend} {how:9}: peak {results[how]['peak'] / 2**20:8.1f} MiB, "
+              f"{results[how]['seconds']:7.1f} s", flush=True)
+    if "forward" in results and "streaming" in results:
+        forward, streamed = results["forward"], results["streaming"]
+        print(f"streaming / forward: peak {streamed['peak'] / forward['peak']:.1%}, "
+              f"time {streamed['seconds'] / forward['seconds']:.2f}x; streaming peak per pixel "
+              f"{streamed['peak'] / args.side ** 2:.0f} bytes")
+
+
+if __name__ == "__main__":
+    main()

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import backends
 from .nn import FrequencyGatedFFN, GatedDconvFFN, MixedScaleFFN
-from .nn.attention import _ChannelAttentionBase
+from .nn.attention import ChannelAttentionBase
+from .nn.input_checks import check_feature_map
 from .reference import attention_matrix, scores_from_gram
 
 DEFAULT_BAND_ROWS = 64
@@ -168,8 +168,9 @@ def attention_matrix_of(attn, norm, x, rows):
 
 def attention_in_place(attn, norm, x, rows):
     """x ← x + attn(norm(x)) on the whole map, in two walks over the bands."""
-    if not isinstance(attn, _ChannelAttentionBase):
-        raise TypeError(f"streaming: no band rule for the attention {type(attn).__name__}")
+    if not isinstance(attn, ChannelAttentionBase) or type(attn).attend is not ChannelAttentionBase.attend:
+        raise TypeError(f"streaming: no band rule for the attention {type(attn).__name__} (streaming runs "
+                        f"channel attentions defined by their branches)")
     b, c, _, width = x.shape
     heads, d = attn.num_heads, c // attn.num_heads
     p = attention_matrix_of(attn, norm, x, rows)
@@ -194,7 +195,7 @@ def mefc_in_place(mefc, x, rows):
     """DRSformer's MEFC on the whole map: each gate's expert weights come from the mean of the
     held map (a global reduction, taken whole), every expert layer is a band walk with its reach.
     The lean or upstream form is chosen as ``MEFC.forward`` chooses it."""
-    lean = backends.resolve(mefc.backend, x) != "reference"
+    lean = mefc.runs_lean()
     for gate, group in zip(mefc.layers[0::2], mefc.layers[1::2]):
         weights = F.softmax(gate(x), dim=-1)
         update_in_place(x, lambda part, first, last: group.preprocess(part[..., first:last, :]), 0, rows)
@@ -249,16 +250,15 @@ def band_requirements(net):
 
 
 def kept_elements(net, batch, height, width):
-    """Elements of the whole maps streaming holds at its fullest (the encoder's maps and the
-    level-1 buffer while the latent runs, or the level-1 buffer with the output at the end), for
-    a padded ``height`` × ``width`` input. The caller's input and the cropped result are not
-    counted."""
+    """Elements of the whole maps streaming holds at its fullest (the level-1 buffer, which also
+    holds levels 3 and 4 while they live, with the level-2 map or with the output), for a padded
+    ``height`` × ``width`` input. The caller's input and the cropped result are not counted."""
     pixels = height * width
     dim = net.patch_embed.proj.out_channels
     image = net.inp_channels * pixels  # the padded copy (the input itself when no padding is needed)
     level1 = 2 * dim * pixels
-    lower = sum(dim * 2 ** level * pixels // 4 ** level for level in (1, 2, 3))
-    return batch * (image + max(level1 + lower, level1 + net.out_channels * pixels))
+    level2 = 2 * dim * pixels // 4
+    return batch * (image + level1 + max(level2, net.out_channels * pixels))
 
 
 def _band_channel_rows(net, width):
@@ -363,18 +363,15 @@ def forward_streaming(net, x, band_rows=None, max_memory=None):
     Returns:
         (B, out_channels, H, W): the same as ``net(x)`` up to floating-point summation order.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x: expected a tensor, got {type(x).__name__}")
-    if x.dim() != 4 or x.shape[1] != net.inp_channels:
-        raise ValueError(f"x: expected (B, {net.inp_channels}, H, W), got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+    check_feature_map(net, x, net.inp_channels)
     if x.numel() and not torch.isfinite(x).all():
         raise ValueError("x: contains non-finite values (inf or nan)")
     rows = choose_band_rows(net, x.shape, x.dtype, band_rows, max_memory)
     from .models.common import pad_to_multiple
 
-    height, width = x.shape[-2:]
+    batch, _, height, width = x.shape
+    if batch == 0:  # as forward: the levels of an empty batch would not fit
+        return x.new_empty((0, net.out_channels, height, width))
     with torch.no_grad():
         return _unet(net, pad_to_multiple(x), rows)[..., :height, :width]
 
@@ -394,10 +391,13 @@ def _unet(net, image, rows):
     stage_in_place(net.encoder_level0, encoder1, rows)
     stage_in_place(net.encoder_level1, encoder1, rows)
 
+    # Levels 3 and 4 live in the first half of the level-1 buffer, idle until the decoder's last
+    # merge (by then both are consumed): 3/8 of it. Level 2 cannot, as that merge reads it.
     skips = [encoder1]
+    idle = _IdleRegion(level1, dim)
     for down, stage, level in ((net.down1_2, net.encoder_level2, 1), (net.down2_3, net.encoder_level3, 2),
                                (net.down3_4, net.latent, 3)):
-        lower = new_map(dim * 2 ** level, level)
+        lower = new_map(dim * 2 ** level, level) if level == 1 else idle.take(dim * 2 ** level, level)
         fill_from(lower, skips[-1], lambda part, first, last, down=down: down(part)[..., first:last, :], rows,
                   scale=2, halo=2)
         stage_in_place(stage, lower, rows)
@@ -429,6 +429,26 @@ def _unet(net, image, rows):
             merged = level1[..., lo:hi, :] + net.skip_conv(net.patch_embed(image[..., lo:hi, :]))
             out[..., start:stop, :] = net.output(merged)[..., start - lo:stop - lo, :]
     return out
+
+
+class _IdleRegion:
+    """Maps carved, one after the other, out of the first ``channels`` channels of every batch
+    element of a contiguous (B, C, H, W) buffer, each map (B, c, H >> level, W >> level)."""
+
+    def __init__(self, buffer, channels):
+        self.buffer, self.free = buffer, channels * buffer.shape[-2] * buffer.shape[-1]
+        self.offset = buffer.storage_offset()
+
+    def take(self, channels, level):
+        b, _, height, width = self.buffer.shape
+        height, width = height >> level, width >> level
+        size = channels * height * width
+        if size > self.free:
+            raise AssertionError("streaming: the idle region is too small")  # a bug, not an input error
+        view = self.buffer.as_strided((b, channels, height, width), (self.buffer.stride(0), height * width, width, 1),
+                                      self.offset)
+        self.offset, self.free = self.offset + size, self.free - size
+        return view
 
 
 def _merge_in_place(skip, lower, up, reduce, rows):

@@ -180,3 +180,10 @@ def test_peak_memory_grows_only_with_the_kept_maps():
     forward_growth = forward_large["peak"] - forward_small["peak"]
     assert forward_growth >= 4 * growth, f"forward grew {forward_growth / 2**20:.1f} MiB, streaming " \
                                          f"{growth / 2**20:.1f} MiB"
+
+
+def test_empty_batch_as_forward():
+    net = build("restormer", torch.float32)
+    x = torch.rand(0, 3, 16, 12)
+    with torch.no_grad():
+        assert net.forward_streaming(x).shape == net(x).shape == (0, 3, 16, 12)

@@ -17,10 +17,10 @@ the paper it follows ("Deep Sparse Gated Transformer for Image Deblurring") publ
 import torch
 from torch import nn
 
-from .attention import _ChannelAttentionBase
+from .attention import ChannelAttentionBase
 
 
-class DeepSparseAttention(_ChannelAttentionBase):
+class DeepSparseAttention(ChannelAttentionBase):
     """Channel attention whose rows keep their top ``int(d * a / b)`` scores, with a softmax and a
     ReLU² branch over that selection mixed by ``softmax(branch_logits)``.
 
