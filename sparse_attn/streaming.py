@@ -8,9 +8,9 @@ per-pixel norms, per-8×8 spectra) or is another global reduction of a held map 
 gates DRSformer's MEFC experts). So the whole image runs exactly in row bands:
 
 - The U-Net keeps its maps whole, each at its own channel count: the level-1 map (held inside
-  a 2·dim buffer whose first half the decoder fills later, so the skip concatenation costs no
-  copy), the level-2..4 maps, the padded input and the output. Nothing wider is ever held for
-  the whole image.
+  a 2·dim buffer whose first half the decoder fills last, so the skip concatenation costs no
+  copy, and which holds the level-3 and 4 maps meanwhile), the level-2 map, the padded input
+  and the output. Nothing wider is ever held for the whole image.
 - A transformer block updates its level's map in place in three walks over the bands: pass 1
   recomputes q and k of every band (norm, 1×1, depthwise 3×3 with a one-row halo) and sums
   their Gram matrix and squared norms; the d×d stage turns the sums into P (the reference's
@@ -237,15 +237,23 @@ def _stage_alignment(stage):
 # The U-Net
 # ---------------------------------------------------------------------------------------------
 def _stages(net):
-    return [net.encoder_level0, net.encoder_level1, net.encoder_level2, net.encoder_level3, net.latent,
-            net.decoder_level3, net.decoder_level2, net.decoder_level1, net.refinement]
+    """(stage, level, channels) of every stage of the U-Net: its map's level (0 is full
+    resolution) and channel count."""
+    dim = net.patch_embed.proj.out_channels
+    return [(net.encoder_level0, 0, dim), (net.encoder_level1, 0, dim), (net.encoder_level2, 1, 2 * dim),
+            (net.encoder_level3, 2, 4 * dim), (net.latent, 3, 8 * dim), (net.decoder_level3, 2, 4 * dim),
+            (net.decoder_level2, 1, 2 * dim), (net.decoder_level1, 0, 2 * dim), (net.refinement, 0, 2 * dim)]
+
+
+def _largest_halo(net):
+    return max(_stage_halo(stage) for stage, _, _ in _stages(net))
 
 
 def band_requirements(net):
     """(least band rows, alignment) a network's walks need: the largest halo of its walks, and
     the patch rows its bands must start on (8 for an 8×8 frequency filter)."""
-    alignment = math.lcm(*[_stage_alignment(s) for s in _stages(net)])
-    least = max(_stage_halo(s) for s in _stages(net))
+    alignment = math.lcm(*[_stage_alignment(stage) for stage, _, _ in _stages(net)])
+    least = _largest_halo(net)
     return alignment * math.ceil(max(least, 1) / alignment), alignment
 
 
@@ -265,16 +273,8 @@ def _band_channel_rows(net, width):
     """Per band row (plus halos), the elements the widest walk has alive: its widest stage's
     channel count times the map width at that level, times the tensors it keeps at once
     (estimated from the stage: the FFN's hidden maps, the attention's q, k, v, MEFC's experts)."""
-    dim = net.patch_embed.proj.out_channels
-    widths = []
-    for level, stage in enumerate(_stages(net)):
-        if stage is None:
-            continue
-        level_index = {0: 0, 1: 0, 2: 1, 3: 2, 4: 3, 5: 2, 6: 1, 7: 1, 8: 1}[level]
-        map_width = width // 2 ** (level_index if level not in (7, 8) else 0)
-        channels = dim * 2 ** level_index
-        widths.append(map_width * _working_channels(stage, channels))
-    return max(widths)
+    return max((width >> level) * _working_channels(stage, channels)
+               for stage, level, channels in _stages(net) if stage is not None)
 
 
 def _working_channels(stage, channels):
@@ -295,8 +295,7 @@ def predicted_peak_bytes(net, shape, dtype, band_rows):
     batch, _, height, width = shape
     height, width = _padded(height), _padded(width)
     element = torch.empty((), dtype=dtype).element_size()
-    halo = max(_stage_halo(s) for s in _stages(net))
-    rows = min(band_rows + 2 * halo, height)
+    rows = min(band_rows + 2 * _largest_halo(net), height)
     return element * (kept_elements(net, batch, height, width) + batch * rows * _band_channel_rows(net, width))
 
 
@@ -315,7 +314,7 @@ def choose_band_rows(net, shape, dtype, band_rows=None, max_memory=None):
             raise TypeError(f"band_rows: expected an integer, got {type(band_rows).__name__}")
         if band_rows < least or band_rows % alignment:
             raise ValueError(f"band_rows: {type(net).__name__} needs bands of at least {least} rows"
-                             + (f" and a multiple of {alignment} (its 8x8 patches)" if alignment > 1 else "")
+                             + (f" and a multiple of {alignment} (its {alignment}x{alignment} patches)" if alignment > 1 else "")
                              + f", got {band_rows}")
     if max_memory is not None:
         if isinstance(max_memory, bool) or not isinstance(max_memory, numbers.Real) or not max_memory > 0:
