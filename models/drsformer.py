@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sparse_attn import backends
 from sparse_attn.nn import MixedScaleFFN, TopKChannelAttention
+from sparse_attn.nn.input_checks import check_feature_map
 
 from .common import RestorationUNet, TransformerBlock
 
@@ -175,6 +176,8 @@ class MEFC(nn.Module):
         return backends.requested(self.backend) != "reference"
 
     def forward(self, x):
+        """(B, dim, H, W) -> (B, dim, H, W)."""
+        check_feature_map(self, x, self._C)
         if not self.runs_lean():
             return self._compensate(x, lean=False)
         if torch.is_grad_enabled():
@@ -214,7 +217,7 @@ class DRSformer(RestorationUNet):
         block = functools.partial(
             TransformerBlock, ffn_expansion_factor=ffn_expansion_factor, bias=bias, LayerNorm_type=LayerNorm_type,
             attention=functools.partial(TopKChannelAttention, backend=backend),
-            feedforward=functools.partial(MixedScaleFFN, backend=backend))
+            feedforward=functools.partial(MixedScaleFFN, backend=backend), backend=backend)
         super().__init__(inp_channels, out_channels, dim, num_blocks, heads, bias, block,
                          stem=functools.partial(MEFC, dim, backend=backend) if mefc else None,
                          refinement=functools.partial(MEFC, int(dim * 2 ** 1), backend=backend) if mefc else None)

@@ -30,6 +30,7 @@ NETWORKS = {
 }
 # (build, argument name, input channels) of everything tested here.
 CASES = {**{name: (build, "x", 16) for name, build in MODULES.items()},
+         "MEFC": (functools.partial(MEFC, 16), "x", 16),
          **{name: (build, "inp_img", 3) for name, build in NETWORKS.items()}}
 
 
@@ -63,6 +64,9 @@ def test_autocast_takes_other_float_dtypes():
     ffn = MODULES["GatedDconvFFN"]()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert ffn(torch.rand(1, 16, 8, 8, dtype=torch.bfloat16)).shape == (1, 16, 8, 8)
+        # the norm runs in its parameters' dtype (float32), as autocast runs layer_norm
+        norm = LayerNorm2d(16)
+        assert norm(torch.rand(1, 16, 8, 8, dtype=torch.bfloat16)).dtype == torch.float32
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
