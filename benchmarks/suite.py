@@ -6,7 +6,7 @@ import time
 from . import case as case_module
 from . import report
 
-GROUPS = ("attention", "msfn", "blocks", "models")
+GROUPS = ("attention", "msfn", "blocks", "models", "streaming")
 
 
 def group_module(group):
