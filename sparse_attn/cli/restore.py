@@ -11,6 +11,7 @@ flips/rotations (self-ensemble). Unreadable images are reported and skipped; the
 """
 import os
 import re
+import sys
 import weakref
 
 import torch
@@ -72,13 +73,13 @@ def run(args):
             target = os.path.join(args.output_dir, stem(path) + ".png")
             reason = _refusal(target, inputs, written)
             if reason:
-                tqdm.write(f"skipped {path}: {reason}")
+                _report(f"skipped {path}: {reason}")
                 skipped += 1
                 continue
             try:
                 image = read_tensor(path)
             except CliError as exc:
-                tqdm.write(f"skipped {exc}")
+                _report(f"skipped {exc}")
                 skipped += 1
                 continue
             h, w = image.shape[-2:]
@@ -87,7 +88,7 @@ def run(args):
                     per_pixel = MemoryModel.probe(net, device, dtype)
                 needed, available = per_pixel.bytes_for(h, w), limit or available_bytes(device)
                 if needed > 0.9 * available:
-                    tqdm.write(f"skipped {path} ({w}x{h}): whole-image inference needs about {needed / 2**30:.1f} GB, "
+                    _report(f"skipped {path} ({w}x{h}): whole-image inference needs about {needed / 2**30:.1f} GB, "
                                f"{available / 2**30:.1f} GB is available on {device}; use --tile 512 "
                                f"(approximate) or a smaller image")
                     skipped += 1
@@ -97,7 +98,7 @@ def run(args):
                 try:
                     restored = restore_image(net, image[None].to(device=device, dtype=dtype), args, progress)
                 except torch.OutOfMemoryError:
-                    tqdm.write(f"skipped {path} ({w}x{h}): out of memory on {device}; use --tile 512")
+                    _report(f"skipped {path} ({w}x{h}): out of memory on {device}; use --tile 512")
                     skipped += 1
                     continue
             write_png(to_rgb8(restored[0]), target)
@@ -121,6 +122,12 @@ def _network(args):
         raise CliError("give --weights FILE (and optionally --model NAME)")
     print(f"note: no --weights: {args.model} runs with random weights (a smoke test, not a restoration)")
     return networks.build({"type": args.model})
+
+
+def _report(message):
+    """A skipped image, on stderr (between progress bars)."""
+    from tqdm import tqdm
+    tqdm.write(message, file=sys.stderr)
 
 
 def _refusal(target, inputs, written):
