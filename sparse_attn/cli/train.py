@@ -9,7 +9,7 @@ listed once at the start, never fatal. What it does with the ones it reads:
   and patch side of each phase), else ``batch_size_per_gpu`` and ``gt_size``;
   ``num_worker_per_gpu`` loader processes. ``datasets.val``: the validation pairs.
 - ``network_g``: ``type`` (any network of sparse_attn.models) and its constructor arguments.
-- ``train``: ``total_iter``, ``warmup_iter``, ``optim_g`` (AdamW or Adam), ``scheduler``
+- ``train``: ``total_iter``, ``warmup_iter``, ``optim_g`` (AdamW, Adam or SGD), ``scheduler``
   (CosineAnnealingRestartCyclicLR: ``periods``, ``restart_weights``, ``eta_mins``),
   ``pixel_opt`` (L1Loss or MSELoss, ``loss_weight``, ``reduction``), ``use_grad_clip`` (norm
   0.01, as the official code), ``ema_decay``, ``mixing_augs`` (mixup). Ours: ``amp``
@@ -213,7 +213,7 @@ class Training:
     def _read_optimisation(self):
         opt = self.opt
         kind = opt.get("train.optim_g.type", "AdamW")
-        optimisers = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam}
+        optimisers = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam, "SGD": torch.optim.SGD}
         if kind not in optimisers:
             raise CliError(f"train.optim_g.type: {kind!r} is not supported (supported: {', '.join(optimisers)})")
         arguments = {k: v for k, v in opt.get("train.optim_g").items() if k != "type"}
