@@ -6,13 +6,19 @@ PY     := $(VENV)/bin/python
 STAMP_DEPS    := $(VENV)/.deps-installed
 STAMP_EDITABLE := $(VENV)/.editable-installed
 
-.PHONY: test bench build clean
+.PHONY: test bench build gpu-check clean
 
 test: build
 	$(PY) -m pytest tests -q
 
 bench: build
 	$(PY) -m benchmarks
+
+# On a machine with a CUDA device: build, every GPU test file and the GPU benchmark rows of every
+# op and network in at most 8 minutes, one short report (tools/gpu_check.py). Without a device it
+# says so and exits 2.
+gpu-check: $(STAMP_EDITABLE)
+	$(PY) tools/gpu_check.py
 
 build: $(STAMP_EDITABLE)
 	$(PY) setup.py -q build_ext --inplace

@@ -64,7 +64,7 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 
 def _extension():
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp", "csrc/encodings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not WITH_CUDA:
@@ -73,7 +73,6 @@ def _extension():
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     return CUDAExtension("sparse_attn._C", sources, include_dirs=include_dirs,
-                         define_macros=[("SPARSE_ATTN_WITH_CUDA", "1")],
                          extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])
 
 

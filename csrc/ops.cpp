@@ -35,4 +35,7 @@ TORCH_LIBRARY(sparse_attn, m) {
       "Tensor w3_1, Tensor w5_1, Tensor? b3, Tensor? b5) "
       "-> (Tensor grad_x, Tensor grad_w3, Tensor grad_w5, Tensor grad_w3_1, Tensor grad_w5_1, "
       "Tensor grad_b3, Tensor grad_b5, Tensor grad_b3_1, Tensor grad_b5_1)");
+
+  // The constants the kernels and the Python side share, for the tests to compare (csrc/encodings.cpp).
+  m.def("encoding(str name, int size) -> int[]");
 }

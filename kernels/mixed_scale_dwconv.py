@@ -38,9 +38,15 @@ kernels are masked.
 `launch_configurations()` lists every (kernel, signature, constexprs, options) the launchers can
 choose, for ahead-of-time compilation in the tests.
 """
+import math
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
+from sparse_attn.encodings import msfn_grad_offsets
 
 from ._launch import aot_signature, launch
 
@@ -166,11 +172,12 @@ def _add_slot(acc, x_ptr, w1_ptr, b1_ptr, w2_ptr, scratch, frame, batch, group, 
 
 
 @triton.jit
-def _backward_map(grad_x, grad_out_ptr, x_planes, out_ptr, w1_ptr, b1_ptr, w2_ptr, partial, scratch_y, scratch_dy,
-                  frame, batch, c, lane_ok, channels, height, width, rows, cols, in_image, in_tile,
+def _backward_map(grad_x, grad_out_ptr, x_planes, out_ptr, w1_ptr, b1_ptr, w2_ptr, partial, w1_at, b1_at, w2_at, b2_at,
+                  scratch_y, scratch_dy, frame, batch, c, lane_ok, channels, height, width, rows, cols, in_image, in_tile,
                   K1: tl.constexpr, K2: tl.constexpr, ALL_TAPS: tl.constexpr, FRAME_W: tl.constexpr):
     """grad_x + the gradient through the first-stage map y of the K1 x K1 convolution of input
-    channels c; writes that map's weight and bias partials and those of its reader's slot."""
+    channels c; writes that map's weight and bias partials and those of its reader's slot, each
+    from its entry's start (``*_at``) in the item's row ``partial`` of the gradient table."""
     hidden = channels // 2
     TAPS1: tl.constexpr = _taps_per_step(K1, ALL_TAPS)
     TAPS2: tl.constexpr = _taps_per_step(K2, ALL_TAPS)
@@ -198,29 +205,27 @@ def _backward_map(grad_x, grad_out_ptr, x_planes, out_ptr, w1_ptr, b1_ptr, w2_pt
     tl.store(scratch_dy + frame, dy)
     tl.debug_barrier()  # the shifted reads below cross the threads that wrote the scratch
 
-    # GradLayout (C = 2h): w3 at 0, w5 at 9C, w3_1 at 34C, w5_1 at 34C + 18h, b3 at 34C + 68h,
-    # b5 at 35C + 68h, b3_1 at 36C + 68h, b5_1 at 36C + 69h.
     pixels = rows * width + cols
     g = tl.load((grad_out_ptr + o_offset) + pixels, mask=in_tile, other=0.0).to(tl.float32)
     dz = tl.where(tl.load((out_ptr + o_offset) + pixels, mask=in_tile, other=0.0) > 0.0, g, 0.0)
-    w2_entries = partial + 34 * channels + (18 * hidden if K2 == 5 else 0) + (group * 2 + slot) * (K2 * K2)
+    w2_entries = partial + w2_at + (group * 2 + slot) * (K2 * K2)
     for first in range(0, K2 * K2, TAPS2):
         y_shifted, t, t_ok = _scratch_shifted(scratch_y, frame, in_tile, first, K2, TAPS2, FRAME_W)
         dw2 = tl.sum(tl.sum(dz * y_shifted, axis=3, keep_dims=True), axis=2, keep_dims=True)
         tl.store(w2_entries + t, dw2, mask=lane_ok & t_ok)
     # Each output channel has one slot-0 reader: that item owns the channel's bias entry.
     db2 = tl.sum(tl.sum(dz, axis=3, keep_dims=True), axis=2, keep_dims=True)
-    b2_entry = partial + 36 * channels + (69 * hidden if K2 == 5 else 68 * hidden) + group
+    b2_entry = partial + b2_at + group
     tl.store(b2_entry, db2, mask=lane_ok & (slot == 0))
 
     dy_tile = tl.where(in_tile, dy, 0.0)
-    w1_entries = partial + (9 * channels if K1 == 5 else 0) + c * (K1 * K1)
+    w1_entries = partial + w1_at + c * (K1 * K1)
     for first in range(0, K1 * K1, TAPS1):
         x_shifted, t, t_ok = _shifted(x_planes, rows, cols, height, width, in_tile, first, K1, TAPS1)
         dw1 = tl.sum(tl.sum(dy_tile * x_shifted, axis=3, keep_dims=True), axis=2, keep_dims=True)
         tl.store(w1_entries + t, dw1, mask=lane_ok & t_ok)
     db1 = tl.sum(tl.sum(dy_tile, axis=3, keep_dims=True), axis=2, keep_dims=True)
-    tl.store(partial + 34 * channels + 68 * hidden + (channels if K1 == 5 else 0) + c, db1, mask=lane_ok)
+    tl.store(partial + b1_at + c, db1, mask=lane_ok)
 
     for first in range(0, K1 * K1, TAPS1):  # the transposed convolution: taps flipped
         dy_shifted, t, t_ok = _scratch_shifted(scratch_dy, frame, in_tile, first, K1, TAPS1, FRAME_W)
@@ -271,6 +276,7 @@ def mixed_scale_dwconv_forward_kernel(x_ptr, w3_ptr, w5_ptr, w3_1_ptr, w5_1_ptr,
 def mixed_scale_dwconv_backward_kernel(grad_out_ptr, x_ptr, out_ptr, w3_ptr, w5_ptr, w3_1_ptr, w5_1_ptr,
                                        b3_ptr, b5_ptr, grad_x_ptr, partial_ptr, scratch_ptr,
                                        channels, height, width, tiles_w, tiles, items,
+                                       w3_at, w5_at, w3_1_at, w5_1_at, b3_at, b5_at, b3_1_at, b5_1_at, row_len,
                                        K2: tl.constexpr, CHANNELS: tl.constexpr,
                                        FRAME_H: tl.constexpr, FRAME_W: tl.constexpr, ALL_TAPS: tl.constexpr):
     """Persistent program over the items (batch, CHANNELS input channels c, tile) of one half of
@@ -282,11 +288,13 @@ def mixed_scale_dwconv_backward_kernel(grad_out_ptr, x_ptr, out_ptr, w3_ptr, w5_
         dw1[c] = Σ_tile dy · shift(x),        db1[c] = Σ_tile dy
         dx[c] += conv_transpose_K1(dy)                              (dy in the scratch)
     Each Σ_tile is a fixed reduction tree (the same bits on every run). Partials go to row
-    (batch, tile) of the partial table, laid out as GradLayout in
-    csrc/common/mixed_scale_dwconv_args.h (36C + 70h entries, C = 2h)."""
+    (batch, tile) of the partial table (row_len entries), each parameter's entries from its
+    ``*_at`` on: the launcher passes sparse_attn.encodings' layout, which the C++ kernels share."""
     hidden = channels // 2
     first_channel = hidden if K2 == 5 else 0
     w2_ptr = w5_1_ptr if K2 == 5 else w3_1_ptr
+    w2_at = w5_1_at if K2 == 5 else w3_1_at
+    b2_at = b5_1_at if K2 == 5 else b3_1_at
     pid = tl.program_id(0)
     scratch_y = scratch_ptr + pid.to(tl.int64) * (2 * CHANNELS * FRAME_H * FRAME_W)
     scratch_dy = scratch_y + CHANNELS * FRAME_H * FRAME_W
@@ -296,13 +304,13 @@ def mixed_scale_dwconv_backward_kernel(grad_out_ptr, x_ptr, out_ptr, w3_ptr, w5_
             item, tiles, tiles_w, first_channel, hidden, height, width, lanes, frame_rows, frame_cols, interior,
             CHANNELS, FRAME_H, FRAME_W)
         x_planes = x_ptr + (batch * channels + c).to(tl.int64) * height * width
-        partial = partial_ptr + (batch * tiles + tile).to(tl.int64) * (36 * channels + 70 * hidden)
+        partial = partial_ptr + (batch * tiles + tile).to(tl.int64) * row_len
         grad_x = tl.zeros(in_image.shape, tl.float32)
         grad_x = _backward_map(grad_x, grad_out_ptr, x_planes, out_ptr, w3_ptr, b3_ptr, w2_ptr, partial,
-                               scratch_y, scratch_dy, frame, batch, c, lane_ok, channels, height, width,
+                               w3_at, b3_at, w2_at, b2_at, scratch_y, scratch_dy, frame, batch, c, lane_ok, channels, height, width,
                                rows, cols, in_image, in_tile, 3, K2, ALL_TAPS, FRAME_W)
         grad_x = _backward_map(grad_x, grad_out_ptr, x_planes, out_ptr, w5_ptr, b5_ptr, w2_ptr, partial,
-                               scratch_y, scratch_dy, frame, batch, c, lane_ok, channels, height, width,
+                               w5_at, b5_at, w2_at, b2_at, scratch_y, scratch_dy, frame, batch, c, lane_ok, channels, height, width,
                                rows, cols, in_image, in_tile, 5, K2, ALL_TAPS, FRAME_W)
         grad_x_planes = grad_x_ptr + (batch * channels + c).to(tl.int64) * height * width
         tl.store((grad_x_planes + rows * width) + cols, grad_x.to(grad_x_ptr.dtype.element_ty), mask=in_tile & lane_ok)
@@ -418,7 +426,8 @@ def _bias_or_zeros(bias, size, like):
     return bias.contiguous() if bias is not None else like.new_zeros(size)
 
 
-def forward(x, w3, w5, w3_1, w5_1, b3, b5, b3_1, b5_1):
+def forward(x: Tensor, w3: Tensor, w5: Tensor, w3_1: Tensor, w5_1: Tensor, b3: Optional[Tensor],
+            b5: Optional[Tensor], b3_1: Optional[Tensor], b5_1: Optional[Tensor]) -> Tensor:
     """The op's forward: out (B, 2h, H, W) of x's dtype, contiguous.
 
     x: (B, 2h, H, W) fp32/fp16/bf16; w3 (2h,1,3,3), w5 (2h,1,5,5), w3_1 (h,2,3,3), w5_1 (h,2,5,5)
@@ -443,7 +452,9 @@ def forward(x, w3, w5, w3_1, w5_1, b3, b5, b3_1, b5_1):
     return out
 
 
-def backward(grad_out, x, out, w3, w5, w3_1, w5_1, b3, b5):
+def backward(grad_out: Tensor, x: Tensor, out: Tensor, w3: Tensor, w5: Tensor, w3_1: Tensor, w5_1: Tensor,
+             b3: Optional[Tensor], b5: Optional[Tensor]
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The op's backward from the saved x and out: the gradients of x, w3, w5, w3_1, w5_1, b3,
     b5, b3_1, b5_1 (bias gradients always), each of its parameter's dtype and shape."""
     x = x.contiguous()
@@ -453,8 +464,8 @@ def backward(grad_out, x, out, w3, w5, w3_1, w5_1, b3, b5):
     hidden = channels // 2
     blocks = _blocks(x)
     tiles_w, tiles = _tiles(height, width, blocks)
-    sizes = (channels * 9, channels * 25, hidden * 18, hidden * 50, channels, channels, hidden, hidden)
-    total = sum(sizes)  # one row of the partial table: GradLayout, see the backward kernel
+    layout = msfn_grad_offsets(hidden)  # where each gradient starts in a row of the partial table
+    total = layout.pop("total")
     partial = x.new_empty((batch * tiles, total), dtype=torch.float32)
     scratch = x.new_empty((blocks["programs"], 2 * blocks["CHANNELS"] * blocks["FRAME_H"] * blocks["FRAME_W"]),
                           dtype=torch.float32)
@@ -464,7 +475,7 @@ def backward(grad_out, x, out, w3, w5, w3_1, w5_1, b3, b5):
         launch(mixed_scale_dwconv_backward_kernel, (blocks["programs"],),
                grad_out, x, out, *(w.contiguous() for w in (w3, w5, w3_1, w5_1)),
                _bias_or_zeros(b3, channels, x), _bias_or_zeros(b5, channels, x), grad_x, partial, scratch,
-               channels, height, width, tiles_w, tiles, items,
+               channels, height, width, tiles_w, tiles, items, *layout.values(), total,
                K2=k2, **_constexprs(blocks), **_options(blocks, backward=True))
     sums = x.new_empty((total,), dtype=torch.float32)
     launch(sum_partials_kernel, (triton.cdiv(total, _SUM_BLOCK),), partial, sums, batch * tiles, total,
@@ -472,5 +483,6 @@ def backward(grad_out, x, out, w3, w5, w3_1, w5_1, b3, b5):
     shapes = ((channels, 1, 3, 3), (channels, 1, 5, 5), (hidden, 2, 3, 3), (hidden, 2, 5, 5),
               (channels,), (channels,), (hidden,), (hidden,))
     # Copies: the op's outputs must not share storage.
-    grads = [part.reshape(shape).to(x.dtype, copy=True) for part, shape in zip(sums.split(sizes), shapes)]
+    grads = [sums[start:start + math.prod(shape)].reshape(shape).to(x.dtype, copy=True)
+             for start, shape in zip(layout.values(), shapes)]
     return (grad_x, *grads)

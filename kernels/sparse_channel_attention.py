@@ -29,8 +29,13 @@ import torch
 import triton
 import triton.language as tl
 
+from torch import Tensor
+
+from sparse_attn.encodings import ACTIVATION_CODES
+
 from ._launch import aot_signature, launch
 
+SOFTMAX = tl.constexpr(ACTIVATION_CODES["softmax"])  # any other code is relu2
 NORM_EPS = tl.constexpr(1e-12)  # F.normalize's default (constexpr: kernels read it)
 MAX_D = 128
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -108,7 +113,7 @@ def _branch(branch_ptr, weights_ptr, n_branches, r, rank, exp_shifted, relu_sq, 
     # >= 1 on real rows (the row maximum is kept, exp(0) = 1); the clamp keeps padded rows finite.
     normalizer = tl.maximum(tl.sum(kept_exp, axis=1), 1.0)
     softmax = kept_exp / normalizer[:, None]
-    phi = tl.where(activation == 0, softmax, tl.where(kept, relu_sq, 0.0))
+    phi = tl.where(activation == SOFTMAX, softmax, tl.where(kept, relu_sq, 0.0))
     return weight, kept, phi, activation
 
 
@@ -259,7 +264,7 @@ def attention_matrix_backward_kernel(gram_ptr, dp_partial_ptr, temperature_ptr, 
         tl.store(dw_partial_ptr + block_item * n_branches + r, tl.sum(tl.where(rows_ok, phi_dot_dp, 0.0), axis=0))
         softmax_grad = phi * (dp - phi_dot_dp[:, None])
         relu_sq_grad = 2.0 * tl.maximum(scores, 0.0) * dp
-        ds += tl.where(kept, weight * tl.where(activation == 0, softmax_grad, relu_sq_grad), 0.0)
+        ds += tl.where(kept, weight * tl.where(activation == SOFTMAX, softmax_grad, relu_sq_grad), 0.0)
     tl.store(dtau_partial_ptr + block_item, tl.sum(tl.sum(ds * gram, axis=1), axis=0))
     ds_times_s = ds * scores
     q_norm = tl.load(q_norm_ptr + bh * d + rows, mask=rows_ok, other=0.0)
@@ -428,11 +433,12 @@ def _split_gram(x, y, with_norms):
     return gram_partial, sq_partial, splits
 
 
-def forward(q, k, v, temperature, weights, topk, activation):
+def forward(q: Tensor, k: Tensor, v: Tensor, temperature: Tensor, weights: Tensor, topk: list[int],
+            activation: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The op's forward: (out, gram = q̂k̂ᵀ, ‖q‖, ‖k‖), the last three in fp32.
 
     q, k, v: (B, heads, d, N) fp32/fp16/bf16; temperature (heads,); weights (R,);
-    topk, activation: R integers each (activation codes 0 = softmax, 1 = relu2)."""
+    topk, activation: R integers each (activation: sparse_attn.encodings.ACTIVATION_CODES)."""
     q, k, v = (_rows_contiguous(t) for t in (q, k, v))
     batch, heads, d, n = q.shape
     bh = batch * heads
@@ -455,7 +461,9 @@ def forward(q, k, v, temperature, weights, topk, activation):
     return out, gram, q_norm, k_norm
 
 
-def backward(grad_out, q, k, v, temperature, weights, gram, q_norm, k_norm, topk, activation):
+def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, temperature: Tensor, weights: Tensor, gram: Tensor,
+             q_norm: Tensor, k_norm: Tensor, topk: list[int], activation: list[int]
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The op's backward: (dq, dk, dv, dtemperature, dweights), from the forward's saved
     gram and norms; dtemperature and dweights in the dtype of temperature and weights."""
     grad_out = _rows_contiguous(grad_out.to(q.dtype))

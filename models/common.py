@@ -4,13 +4,14 @@ The module and parameter names are those of the official Restormer and DRSformer
 their checkpoints load unchanged; the attention and feed-forward modules come from
 :mod:`sparse_attn.nn`, so that :func:`sparse_attn.use_backend` switches every block at once.
 """
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sparse_attn.nn import LayerNorm2d
+from sparse_attn.nn.input_checks import check_feature_map
+
+from .checkpoint import CheckpointMixin
 
 SIZE_MULTIPLE = 8  # three 2x pixel-unshuffles
 
@@ -84,24 +85,7 @@ def pad_to_multiple(x, multiple=SIZE_MULTIPLE):
     return F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
 
 
-def _unwrap_checkpoint(checkpoint, path):
-    """The state_dict in an official release file: BasicSR's {"params": sd} (or "params_ema"),
-    or a bare state_dict."""
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path}: expected a state_dict or a {{'params': state_dict}} checkpoint, "
-                         f"got {type(checkpoint).__name__}")
-    for key in ("params", "params_ema"):
-        if isinstance(checkpoint.get(key), dict):
-            return checkpoint[key]
-    return checkpoint
-
-
-def _listing(keys, limit=8):
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-class RestorationUNet(nn.Module):
+class RestorationUNet(CheckpointMixin, nn.Module):
     """The four-level U-Net of Restormer that DRSformer and DSGformer reuse.
 
     patch_embed -> [encoder_level0] -> encoder_level1 -> down -> ... -> latent -> up, concatenate
@@ -116,7 +100,8 @@ class RestorationUNet(nn.Module):
         output is ``output(refined + skip_conv(embedding))`` with no global residual.
 
     ``forward`` takes images of any size: it reflect-pads to a multiple of 8 (what the official
-    test scripts do outside the network) and crops the result back.
+    test scripts do outside the network) and crops the result back. Checkpoints load with
+    ``load_pretrained`` / ``from_pretrained`` (:class:`~sparse_attn.models.checkpoint.CheckpointMixin`).
     """
 
     def __init__(self, inp_channels, out_channels, dim, num_blocks, heads, bias, block, *, stem=None,
@@ -153,12 +138,11 @@ class RestorationUNet(nn.Module):
         self.output = nn.Conv2d(dims[1], out_channels, kernel_size=3, stride=1, padding=1, bias=bias)
 
     def forward(self, inp_img):
-        """(B, inp_channels, H, W) -> (B, out_channels, H, W), any H, W (at least 5)."""
-        if not isinstance(inp_img, torch.Tensor):
-            raise TypeError(f"inp_img: expected a tensor, got {type(inp_img).__name__}")
-        if inp_img.dim() != 4 or inp_img.shape[1] != self.inp_channels:
-            raise ValueError(f"inp_img: expected (B, {self.inp_channels}, H, W), got {tuple(inp_img.shape)}")
-        h, w = inp_img.shape[-2:]
+        """(B, inp_channels, H, W) -> (B, out_channels, H, W), any H, W (at least 5), any B (0 too)."""
+        check_feature_map(self, inp_img, self.inp_channels, name="inp_img")
+        b, _, h, w = inp_img.shape
+        if b == 0:  # pixel (un)shuffle keeps the shape of an empty batch, so the levels would not fit
+            return inp_img.new_empty((0, self.out_channels, h, w))
         return self._forward_padded(pad_to_multiple(inp_img))[..., :h, :w]
 
     def _forward_padded(self, inp_img):
@@ -180,41 +164,5 @@ class RestorationUNet(nn.Module):
             return self.output(x + self.skip_conv(inp_enc_level1))
         return self.output(x) + inp_img
 
-    # -- checkpoints ----------------------------------------------------------------------------
-    def load_pretrained(self, path, map_location="cpu"):
-        """Load an official release file into this model and return the model.
-
-        Accepts BasicSR's ``{"params": state_dict}`` (or ``"params_ema"``) and a bare state_dict;
-        reads with ``weights_only=True``. The keys must match exactly: otherwise a ValueError
-        lists the missing and unexpected ones (nothing is loaded).
-        """
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path: expected a file path, got {type(path).__name__}")
-        state_dict = _unwrap_checkpoint(torch.load(path, map_location=map_location, weights_only=True), path)
-        own = self.state_dict().keys()
-        missing = sorted(k for k in own if k not in state_dict)
-        unexpected = sorted(k for k in state_dict if k not in own)
-        if missing or unexpected:
-            lines = [f"{path} does not match {type(self).__name__}({self._config_summary()}):"]
-            if missing:
-                lines.append(f"  missing keys ({len(missing)}): {_listing(missing)}")
-            if unexpected:
-                lines.append(f"  unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
-            hint = self._checkpoint_hint(missing, unexpected)
-            if hint:
-                lines.append(f"  hint: {hint}")
-            raise ValueError("\n".join(lines))
-        self.load_state_dict(state_dict, strict=True)
-        return self
-
-    @classmethod
-    def from_pretrained(cls, path, map_location="cpu", **kwargs):
-        """Construct with ``kwargs`` (the official constructor arguments) and load ``path``."""
-        return cls(**kwargs).load_pretrained(path, map_location=map_location)
-
     def _config_summary(self):
         return f"dim={self.patch_embed.proj.out_channels}"
-
-    def _checkpoint_hint(self, missing, unexpected):
-        """A sentence on the likely cause of a key mismatch, or ""."""
-        return ""

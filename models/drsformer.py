@@ -149,8 +149,9 @@ class MEFC(nn.Module):
     MEFC works at full resolution with eight experts, so upstream's form is DRSformer's largest
     memory cost: the no-grad peak of the whole network (all eight expert outputs and their
     concatenation alive at once) and about 40% of what a training step saves for backward
-    (every expert's intermediates). On any backend but ``reference`` (``backend`` resolved as
-    the ops resolve theirs) it runs a lean form with the same result up to rounding:
+    (every expert's intermediates). Unless ``reference`` is requested (by ``backend``, else by
+    ``use_backend``; decided from the request, so that a build without the extension keeps the
+    same form) it runs a lean form with the same result up to rounding:
     the experts are summed through their shares of the output 1x1 one at a time (an expert's own
     closing 1x1 folded into its share), and in training the whole compensator is recomputed in
     backward (activation checkpointing), so that autograd keeps only its input. The fold about
@@ -169,7 +170,7 @@ class MEFC(nn.Module):
             self.layers.append(GroupOLs(steps, dim))
 
     def forward(self, x):
-        if backends.resolve(self.backend, x) == "reference":
+        if backends.requested(self.backend) == "reference":  # the request, not what a build resolves it to
             return self._compensate(x, lean=False)
         if torch.is_grad_enabled():
             return checkpoint(self._compensate, x, True, use_reentrant=False)

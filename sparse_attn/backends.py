@@ -6,6 +6,8 @@ Backends (DESIGN.md "Backends"):
   triton     the Triton kernels (CUDA tensors; CPU tensors under TRITON_INTERPRET=1)
   auto       CUDA: triton, else native, else reference; CPU: native, else reference
 
+This module knows the machine (what was built, what imports, which devices); each op's own table
+(sparse_attn/ops/, through sparse_attn/ops/_library.py) knows its kernels' dtypes and limits.
 Nothing here queries CUDA at import time. The extension and Triton are imported once, when
 sparse_attn is imported; a failure is recorded and reported when that backend is asked for.
 """
@@ -16,6 +18,9 @@ import os
 import torch
 
 BACKENDS = ("reference", "native", "triton")
+# What `auto` tries, in order, per device type (Triton's interpreter is for tests, never automatic).
+AUTO_ORDER = {"cuda": ("triton", "native", "reference")}
+AUTO_ORDER_OTHER = ("native", "reference")
 
 
 class BackendUnavailable(RuntimeError):
@@ -33,7 +38,7 @@ def _import_error(module):
 _NATIVE_IMPORT_ERROR = _import_error("sparse_attn._C")
 _TRITON_IMPORT_ERROR = _import_error("triton")
 # Read once, like Triton itself: TRITON_INTERPRET takes effect when the kernels are decorated.
-_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # The backend chosen by `use_backend`; "auto" when none is. A plain global, so that
 # torch.compile guards on it (changing it recompiles rather than being ignored).
@@ -54,89 +59,85 @@ _NATIVE_KERNELS = _native_kernels()
 
 
 def native_has_kernel(op, device_type):
-    """Whether sparse_attn._C registered a kernel of ``op`` for ``device_type`` ("cpu"/"cuda")."""
+    """Whether sparse_attn._C registered a kernel of schema ``op`` for ``device_type`` ("cpu"/"cuda")."""
     return (op, device_type) in _NATIVE_KERNELS
 
 
-def why_unavailable(name, device_type, dtype=None, op=None, dtypes=None, triton_ready=True):
-    """Why backend ``name`` cannot run an op on tensors of ``device_type``/``dtype``, or None.
+def check_name(name, allow_auto=True):
+    """``name`` if it names a backend (or "auto"), else a ValueError listing the choices."""
+    choices = (("auto",) if allow_auto else ()) + BACKENDS
+    if name not in choices:
+        raise ValueError(f"backend: expected one of {choices}, got {name!r}")
+    return name
 
-    op: the schema name of the op's native kernel (checked when ``name`` is "native").
-    dtypes: {backend: {device_type: dtypes it supports}} for the op; missing means any.
-    triton_ready: True, False where the op has no Triton kernels yet, or a sentence saying why
-        its Triton kernels cannot take these inputs (e.g. a shape limit).
-    """
-    if name not in BACKENDS:
-        raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {name!r}")
+
+def why_unavailable(name, device_type):
+    """Why backend ``name`` cannot run any op on ``device_type`` tensors here (not built, not
+    importable, wrong device), or None. Per-op limits (dtypes, shapes) are the op's:
+    see :func:`explain`."""
+    check_name(name, allow_auto=False)
     if name == "native":
         if _NATIVE_IMPORT_ERROR is not None:
             return f"the C++ extension is not built: {_NATIVE_IMPORT_ERROR}; run `make build`"
-        if op is not None and not native_has_kernel(op, device_type):
-            return (f"sparse_attn._C has no {device_type.upper()} kernel for {op}"
-                    + (" (it was built without nvcc)" if device_type == "cuda" else ""))
+        if device_type == "cuda" and not any(device == "cuda" for _, device in _NATIVE_KERNELS):
+            return "sparse_attn._C was built without nvcc, so it has no CUDA kernels"
+        if device_type not in ("cpu", "cuda"):
+            return f"the C++ extension has CPU and CUDA kernels, got {device_type} tensors"
     if name == "triton":
         if _TRITON_IMPORT_ERROR is not None:
             return _TRITON_IMPORT_ERROR
-        if triton_ready is not True:
-            return triton_ready or "this op has no Triton kernels"
-        if device_type == "cpu" and not _TRITON_INTERPRET:
+        if device_type == "cpu" and not TRITON_INTERPRETED:
             return ("Triton runs on CUDA tensors, and on CPU tensors only in its interpreter: "
                     "set TRITON_INTERPRET=1 before importing sparse_attn")
         if device_type not in ("cpu", "cuda"):
-            return f"Triton kernels run on CUDA tensors, got {device_type}"
-    supported = (dtypes or {}).get(name, {}).get(device_type)
-    if dtype is not None and supported is not None and dtype not in supported:
-        names = ", ".join(str(d).replace("torch.", "") for d in supported)
-        return f"its {device_type} kernels take {names}, got {str(dtype).replace('torch.', '')}"
+            return f"Triton kernels run on CUDA tensors, got {device_type} tensors"
     return None
 
 
-def resolve(requested, tensor, **capabilities):
-    """The backend an op runs ``tensor`` on: ``requested``, else the one `use_backend` forces,
-    else the first of the device's preference order that can run. Raises BackendUnavailable
-    with the reason when an explicitly requested backend cannot run."""
-    if requested != "auto" and requested not in BACKENDS:
-        raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {requested!r}")
-    forced = requested == "auto" and _forced_backend != "auto"
-    if requested == "auto":
-        requested = _forced_backend
-    device_type = tensor.device.type
-    if requested != "auto":
-        reason = why_unavailable(requested, device_type, tensor.dtype, **capabilities)
-        if reason is None:
-            return requested
-        # `use_backend("triton")` moves a whole model; its ops that have no Triton kernels at all
-        # run on the device's usual order instead (an explicit backend= still raises).
-        if not (forced and requested == "triton" and capabilities.get("triton_ready", True) is False):
-            raise BackendUnavailable(f"backend {requested!r} cannot run here: {reason}")
-    order = ("triton", "native", "reference") if device_type == "cuda" else ("native", "reference")
-    for name in order:
-        if why_unavailable(name, device_type, tensor.dtype, **capabilities) is None:
-            return name
-    return "reference"
+def auto_order(device_type):
+    """The backends `auto` tries for ``device_type`` tensors, in order."""
+    return AUTO_ORDER.get(device_type, AUTO_ORDER_OTHER)
+
+
+def requested(backend="auto"):
+    """The backend asked for: ``backend`` itself, else the one `use_backend` set, else "auto"
+    (which an op resolves per call). For code that must decide from the request, not from what
+    an op resolved it to (so that a build without a backend changes no model's structure)."""
+    check_name(backend)
+    return backend if backend != "auto" else _forced_backend
+
+
+def forced():
+    """The backend `use_backend` set, or "auto"."""
+    return _forced_backend
 
 
 def available(device=None):
     """The backends that can run here: on ``device`` ("cpu"/"cuda"), or by default on any device
-    this machine has. (Per-op and per-dtype limits are reported when an op is called.)"""
+    this machine has. (Per-op dtype and shape limits: :func:`explain`.)"""
     devices = [device] if device is not None else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    names = []
-    for name in BACKENDS:
-        # Every native build has the attention op's kernels wherever it has any.
-        op = "sparse_channel_attention_forward" if name == "native" else None
-        if any(why_unavailable(name, torch.device(dev).type, op=op) is None for dev in devices):
-            names.append(name)
-    return names
+    return [name for name in BACKENDS
+            if any(why_unavailable(name, torch.device(dev).type) is None for dev in devices)]
+
+
+def explain(op, *args, **kwargs):
+    """For these arguments of ``op`` (a public op such as ``sparse_attn.mixed_scale_dwconv``, or
+    its name), which backend ``backend="auto"`` picks and why each other one was passed over.
+
+    Returns an :class:`~sparse_attn.ops._library.Explanation`: ``.chosen`` (a backend name),
+    ``.reasons`` ({backend: why it cannot run, or None}); ``str()`` of it reads as a short report.
+    """
+    from .ops import _library  # the ops import this module
+    return _library.lookup(op).explain(*args, **kwargs)
 
 
 @contextlib.contextmanager
 def use_backend(name):
     """Run every op (and every model and module left at ``backend="auto"``) on backend ``name``
-    inside the block; an op that has no Triton kernels yet runs on its usual order under
-    ``use_backend("triton")``. An explicit ``backend=`` argument still wins."""
+    inside the block; an op that has no kernels of that backend at all runs on its usual order.
+    An explicit ``backend=`` argument still wins."""
     global _forced_backend
-    if name != "auto" and name not in BACKENDS:
-        raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {name!r}")
+    check_name(name)
     previous, _forced_backend = _forced_backend, name
     try:
         yield

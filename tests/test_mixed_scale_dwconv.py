@@ -15,7 +15,7 @@ from conftest import requires_cuda
 from mixed_scale_dwconv_cases import (NAMES, SHAPES, assert_close_to_reference, forward_and_grads, make_inputs,
                                      opcheck_forward_and_backward)
 
-NATIVE_CPU = backends.why_unavailable("native", "cpu", op="mixed_scale_dwconv_forward")
+NATIVE_CPU = backends.why_unavailable("native", "cpu")
 requires_native = pytest.mark.skipif(NATIVE_CPU is not None, reason=f"native backend: {NATIVE_CPU}")
 
 
@@ -80,8 +80,7 @@ def test_native_is_deterministic_and_independent_of_threads():
 @requires_native
 def test_auto_runs_native_on_cpu_and_reference_for_other_dtypes():
     x, *params = make_inputs((1, 6, 5, 5), torch.float32)
-    assert backends.resolve("auto", x, op="mixed_scale_dwconv_forward",
-                            dtypes={"native": {"cpu": (torch.float32, torch.float64)}}) == "native"
+    assert backends.explain(sparse_attn.mixed_scale_dwconv, x, *params).chosen == "native"
     bf = [t.bfloat16() for t in (x, *params)]
     out = sparse_attn.mixed_scale_dwconv(*bf)  # falls back to the reference in bfloat16
     torch.testing.assert_close(out, reference(*bf))
@@ -258,7 +257,7 @@ def test_mixed_scale_ffn_saves_less_for_backward():
 def _native_cuda_reason():
     if not torch.cuda.is_available():
         return "needs a CUDA device"
-    return backends.why_unavailable("native", "cuda", op="mixed_scale_dwconv_forward")
+    return backends.why_unavailable("native", "cuda")
 
 
 requires_native_cuda = pytest.mark.skipif(_native_cuda_reason() is not None, reason=str(_native_cuda_reason()))

@@ -140,8 +140,8 @@ def test_unsupported_dtypes_say_why(dtype):
     """The interpreter's bf16 rounding differs from torch's, and there are no fp64 kernels."""
     inputs = make_inputs((1, 6, 5, 5), dtype)
     with pytest.raises(backends.BackendUnavailable,
-                       match=f"backend 'triton' cannot run here: its cpu kernels take float32, float16, got "
-                             f"{str(dtype).replace('torch.', '')}"):
+                       match=f"backend 'triton' cannot run here: its kernels take float32, float16 on cpu "
+                             f"tensors .*, got {str(dtype).replace('torch.', '')}"):
         sparse_attn.mixed_scale_dwconv(*inputs, backend="triton")
 
 
@@ -149,13 +149,13 @@ def test_unsupported_dtypes_say_why(dtype):
 def test_use_backend_triton_runs_the_op_on_its_kernels(monkeypatch):
     """A model moved with use_backend("triton") runs its MSFN core on the Triton kernels; in a
     dtype they do not take, it says so (as the attention op does)."""
-    calls = []
-    forward = triton_kernels.forward
-    monkeypatch.setattr(triton_kernels, "forward", lambda *args: calls.append(1) or forward(*args))
+    launched = []
+    launch = triton_kernels.launch
+    monkeypatch.setattr(triton_kernels, "launch", lambda kernel, *args, **kw: launched.append(kernel) or launch(kernel, *args, **kw))
     inputs = make_inputs((1, 6, 5, 5), torch.float32)
     with sparse_attn.use_backend("triton"):
         out = sparse_attn.mixed_scale_dwconv(*inputs)
-    assert calls == [1]
+    assert launched and set(launched) == {triton_kernels.mixed_scale_dwconv_forward_kernel}
     torch.testing.assert_close(out, reference(*inputs), rtol=1e-5, atol=1e-5)
     with sparse_attn.use_backend("triton"), pytest.raises(backends.BackendUnavailable, match="float64"):
         sparse_attn.mixed_scale_dwconv(*make_inputs((1, 6, 5, 5), torch.float64))
@@ -167,8 +167,8 @@ def test_use_backend_triton_runs_the_op_on_its_kernels(monkeypatch):
 def require_gpu(backend, dtype=torch.float32):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device (none here)")
-    reason = backends.why_unavailable(backend, "cuda", dtype, op="mixed_scale_dwconv_forward",
-                                      dtypes=sparse_attn.ops.mixed_scale_dwconv._DTYPES)
+    x, *params = make_inputs((1, 2, 4, 4), dtype, device="cuda")
+    reason = backends.explain(sparse_attn.mixed_scale_dwconv, x, *params).reasons[backend]
     if reason is not None:
         pytest.skip(f"{backend}: {reason}")
     if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":

@@ -151,8 +151,11 @@ def test_load_pretrained_rejects_what_is_not_a_state_dict(tmp_path):
     torch.save(torch.zeros(3), path)
     with pytest.raises(ValueError, match="expected a state_dict"):
         MODELS["restormer"]().load_pretrained(path)
-    with pytest.raises(TypeError, match="path"):
-        MODELS["restormer"]().load_pretrained(MODELS["restormer"]().state_dict())
+    with pytest.raises(TypeError, match="path_or_state_dict"):
+        MODELS["restormer"]().load_pretrained(["model.pth"])
+    state_dict = _randomised(MODELS["restormer"]()).state_dict()
+    loaded = MODELS["restormer"]().load_pretrained({"params": state_dict})
+    assert torch.equal(loaded.output.weight, state_dict["output.weight"])
 
 
 # ---------------------------------------------------------------------------------------------

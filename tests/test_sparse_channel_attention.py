@@ -247,15 +247,15 @@ def test_module_honours_use_backend():
 def test_backend_selection():
     assert {"reference"} <= set(backends.available())
     x = torch.randn(1, 1, 4, 4)
+    args = (x, x, x, torch.ones(1), torch.ones(1), (4,))
+    op = sparse_attn.sparse_channel_attention
     expected = "native" if CPU_BACKENDS else "reference"
-    assert backends.resolve("auto", x) == expected
+    assert backends.explain(op, *args).chosen == expected
     with sparse_attn.use_backend("reference"):
-        assert backends.resolve("auto", x) == "reference"
-        if CPU_BACKENDS:  # an explicit backend= wins over the context
-            assert backends.resolve("native", x) == "native"
-    assert backends.resolve("auto", x) == expected
+        assert backends.explain(op, *args).chosen == "reference"
+    assert backends.explain(op, *args).chosen == expected
     with pytest.raises(ValueError, match="backend"):
-        backends.resolve("cudnn", x)
+        op(*args, backend="cudnn")
     with pytest.raises(ValueError, match="backend"):
         with sparse_attn.use_backend("fast"):
             pass

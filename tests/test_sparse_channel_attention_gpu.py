@@ -16,8 +16,10 @@ GPU_BACKENDS = ("triton", "native")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def require(backend, dtype=None):
-    reason = backends.why_unavailable(backend, "cuda", dtype)
+def require(backend, dtype=torch.float32):
+    q = torch.zeros(1, 1, 4, 8, device="cuda", dtype=dtype)
+    reason = backends.explain(sparse_attn.sparse_channel_attention, q, q, q, q.new_ones(1), q.new_ones(1),
+                              (4,)).reasons[backend]
     if reason is not None:
         pytest.skip(f"{backend}: {reason}")
     if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":

@@ -13,6 +13,13 @@
 namespace sparse_attn {
 namespace msdw {
 
+// The CUDA kernels' tile (one thread block per batch, channel and tile). Here, not in the .cu
+// file, because its grid limits (tiles down the image, B * 2h, each below 65536) are checked in
+// Python before dispatch, which reads these through the `encoding` op.
+constexpr int kCudaTileH = 16;
+constexpr int kCudaTileW = 32;
+constexpr int64_t kCudaGridLimit = 65536;  // gridDim.y and gridDim.z are below this
+
 inline void check_args(const at::Tensor& x, const at::Tensor& w3, const at::Tensor& w5, const at::Tensor& w3_1,
                        const at::Tensor& w5_1, std::initializer_list<std::optional<at::Tensor>> biases) {
   TORCH_CHECK(x.dim() == 4 && x.size(1) % 2 == 0, "x: expected (B, 2h, H, W), got ", x.sizes());

@@ -25,8 +25,8 @@ namespace {
 
 using at::Tensor;
 
-constexpr int kTileH = 16;
-constexpr int kTileW = 32;
+constexpr int kTileH = kCudaTileH;
+constexpr int kTileW = kCudaTileW;
 constexpr int kHalo = 4;  // first-stage radius (<= 2) plus second-stage radius (<= 2)
 constexpr int kLd = kTileW + 2 * kHalo;
 constexpr int kFrame = (kTileH + 2 * kHalo) * kLd;
@@ -311,7 +311,7 @@ Geometry geometry_of(const Tensor& x) {
 
 dim3 grid_of(const Tensor& x, const Geometry& g) {
   const int64_t tiles_h = (g.height + kTileH - 1) / kTileH;
-  TORCH_CHECK(tiles_h < 65536 && x.size(0) * g.channels < 65536,
+  TORCH_CHECK(tiles_h < kCudaGridLimit && x.size(0) * g.channels < kCudaGridLimit,
               "mixed_scale_dwconv (CUDA): H / 16 and B * 2h must be below 65536");
   return dim3(g.tiles_w, static_cast<unsigned>(tiles_h), static_cast<unsigned>(x.size(0) * g.channels));
 }

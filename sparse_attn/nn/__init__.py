@@ -1,10 +1,10 @@
 """Drop-in nn.Modules with the parameter names of the official networks."""
-from .attention import ChannelAttention, TopKChannelAttention, drsformer_topk
+from .attention import ChannelAttention, ChannelAttentionBase, TopKChannelAttention, drsformer_topk
 from .deep_sparse_attention import DeepSparseAttention
-from .feedforward import MixedScaleFFN
+from .mixed_scale_ffn import MixedScaleFFN
 from .frequency_gated_ffn import FrequencyGatedFFN
 from .gated_dconv_ffn import GatedDconvFFN
 from .norm import LayerNorm2d
 
-__all__ = ["TopKChannelAttention", "ChannelAttention", "drsformer_topk", "MixedScaleFFN",
+__all__ = ["ChannelAttentionBase", "TopKChannelAttention", "ChannelAttention", "drsformer_topk", "MixedScaleFFN",
            "GatedDconvFFN", "LayerNorm2d", "DeepSparseAttention", "FrequencyGatedFFN"]

@@ -1,4 +1,5 @@
-"""Drop-in attention modules: DRSformer's TKSA and Restormer's MDTA on the fused op.
+"""Drop-in attention modules: DRSformer's TKSA and Restormer's MDTA on the fused op, and
+:class:`ChannelAttentionBase`, the frame they (and every channel-attention module) share.
 
 Parameter names and shapes are those of the official modules, so their state_dicts load.
 """
@@ -6,6 +7,7 @@ import torch
 from torch import nn
 
 from ..ops.sparse_channel_attention import sparse_channel_attention
+from .input_checks import check_feature_map
 
 
 def drsformer_topk(channels):
@@ -15,8 +17,19 @@ def drsformer_topk(channels):
     return (int(c / 2), int(c * 2 / 3), int(c * 3 / 4), int(c * 4 / 5))
 
 
-class _ChannelAttentionBase(nn.Module):
-    """qkv (1x1) -> depthwise 3x3 -> channel attention per head -> project_out (1x1)."""
+class ChannelAttentionBase(nn.Module):
+    """The frame of every channel-attention module of the Restormer family (public, to subclass).
+
+    ``forward``: qkv (1x1, dim -> 3·dim) -> depthwise 3x3 (``qkv_dwconv``) -> split into q, k, v of
+    shape (B, heads, d, H·W), d = dim / heads -> :meth:`attend` -> ``project_out`` (1x1). The
+    parameter names (``temperature``, ``qkv``, ``qkv_dwconv``, ``project_out``) are those of
+    Restormer's and DRSformer's ``Attention``, so their state_dicts load.
+
+    A subclass adds its own parameters in ``__init__`` and implements :meth:`attend`, usually one
+    call of :func:`sparse_attn.sparse_channel_attention` with ``backend=self.backend``.
+    ``forward`` checks the input (names the argument and the expected shape, dtype and device) and
+    returns an empty batch for an empty batch without calling :meth:`attend`.
+    """
 
     def __init__(self, dim, num_heads, bias, backend="auto"):
         super().__init__()
@@ -29,23 +42,25 @@ class _ChannelAttentionBase(nn.Module):
                                     groups=dim * 3, bias=bias)
         self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
 
-    def _attend(self, q, k, v):
-        raise NotImplementedError
+    def attend(self, q, k, v):
+        """The attention of q, k, v, each (B, heads, d, H·W) with B >= 1; returns (B, heads, d, H·W)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement attend(q, k, v)")
 
     def forward(self, x):
-        if x.dim() != 4 or x.shape[1] != self.dim:
-            raise ValueError(f"x: expected (B, {self.dim}, H, W), got {tuple(x.shape)}")
+        """(B, dim, H, W) -> (B, dim, H, W)."""
+        check_feature_map(self, x, self.dim)
         b, c, h, w = x.shape
         q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
         shape = (b, self.num_heads, c // self.num_heads, h * w)
-        out = self._attend(q.reshape(shape), k.reshape(shape), v.reshape(shape))
+        # The ops take no empty tensor; the attention of an empty batch is that empty batch.
+        out = self.attend(q.reshape(shape), k.reshape(shape), v.reshape(shape)) if b > 0 else v
         return self.project_out(out.reshape(b, c, h, w))
 
     def extra_repr(self):
         return f"dim={self.dim}, num_heads={self.num_heads}, backend={self.backend!r}"
 
 
-class TopKChannelAttention(_ChannelAttentionBase):
+class TopKChannelAttention(ChannelAttentionBase):
     """DRSformer's top-k sparse attention (TKSA, the official ``Attention``).
 
     Four branches keep the d/2, 2d/3, 3d/4 and 4d/5 largest scores of each row of the
@@ -61,17 +76,17 @@ class TopKChannelAttention(_ChannelAttentionBase):
         self.attn3 = nn.Parameter(torch.tensor([0.2]))
         self.attn4 = nn.Parameter(torch.tensor([0.2]))
 
-    def _attend(self, q, k, v):
+    def attend(self, q, k, v):
         weights = torch.cat([self.attn1, self.attn2, self.attn3, self.attn4])
         return sparse_channel_attention(q, k, v, self.temperature, weights, drsformer_topk(q.shape[2]),
                                         "softmax", backend=self.backend)
 
 
-class ChannelAttention(_ChannelAttentionBase):
+class ChannelAttention(ChannelAttentionBase):
     """Restormer's multi-Dconv head transposed attention (MDTA): one dense softmax branch,
     run on the same op with ``topk=(d,)``."""
 
-    def _attend(self, q, k, v):
+    def attend(self, q, k, v):
         weights = torch.ones(1, dtype=q.dtype, device=q.device)
         return sparse_channel_attention(q, k, v, self.temperature, weights, (q.shape[2],), "softmax",
                                         backend=self.backend)

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from ..ops.sparse_channel_attention import sparse_channel_attention
-from .attention import _ChannelAttentionBase
+from .attention import ChannelAttentionBase
 
 
-class DeepSparseAttention(_ChannelAttentionBase):
+class DeepSparseAttention(ChannelAttentionBase):
     """Channel attention whose rows keep their top ``int(d * a / b)`` scores, with a softmax and a
     ReLU² branch over that selection mixed by ``softmax(branch_logits)``.
 
@@ -43,7 +43,7 @@ class DeepSparseAttention(_ChannelAttentionBase):
             raise ValueError(f"keep_fraction: {numerator}/{denominator} of d = {d} keeps no channel")
         self.branch_logits = nn.Parameter(torch.zeros(2))
 
-    def _attend(self, q, k, v):
+    def attend(self, q, k, v):
         weights = torch.softmax(self.branch_logits, dim=0)
         return sparse_channel_attention(q, k, v, self.temperature, weights, (self.topk, self.topk),
                                         ("softmax", "relu2"), backend=self.backend)

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .input_checks import check_feature_map
+
 GATES = ("gelu", "relu2")
 
 
@@ -30,6 +32,8 @@ def patch_spectral_filter(x, filt, patch_size):
     """Filter every ``patch_size``² patch of ``x`` (B, C, H, W) in the frequency domain:
     irfft2(rfft2(patch) * filt). ``filt``: (C, 1, 1, p, p // 2 + 1). H, W any: zero-padded to
     multiples of p and cropped back."""
+    if x.numel() == 0:
+        return x  # filtered, an empty map is itself (and the FFT libraries reject empty transforms)
     b, c, h, w = x.shape
     p = patch_size
     pad_h, pad_w = (-h) % p, (-w) % p
@@ -72,6 +76,8 @@ class FrequencyGatedFFN(nn.Module):
         self.project_out = nn.Conv2d(hidden, dim, kernel_size=1, bias=bias)
 
     def forward(self, x):
+        """(B, dim, H, W) -> (B, dim, H, W)."""
+        check_feature_map(self, x, self.dim)
         x = self.project_in(x)
         if self.recompute_spectrum and torch.is_grad_enabled():
             x = checkpoint(patch_spectral_filter, x, self.fft, self.patch_size, use_reentrant=False)

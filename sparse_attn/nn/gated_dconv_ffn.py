@@ -2,6 +2,8 @@
 import torch.nn.functional as F
 from torch import nn
 
+from .input_checks import check_feature_map
+
 
 class GatedDconvFFN(nn.Module):
     """Restormer's GDFN (the official ``FeedForward`` of restormer_arch.py).
@@ -20,5 +22,7 @@ class GatedDconvFFN(nn.Module):
         self.project_out = nn.Conv2d(hidden, dim, kernel_size=1, bias=bias)
 
     def forward(self, x):
+        """(B, dim, H, W) -> (B, dim, H, W)."""
+        check_feature_map(self, x, self.dim)
         x1, x2 = self.dwconv(self.project_in(x)).chunk(2, dim=1)
         return self.project_out(F.gelu(x1) * x2)

@@ -7,6 +7,8 @@ over dim 1 of the NCHW tensor is the same arithmetic without the copies.
 import torch
 from torch import nn
 
+from .input_checks import check_feature_map
+
 EPS = 1e-5  # the official value, added to the (biased) variance
 LAYER_NORM_TYPES = ("WithBias", "BiasFree")
 
@@ -39,8 +41,10 @@ class LayerNorm2d(nn.Module):
         self.body = _ChannelAffine(dim, with_bias=LayerNorm_type == "WithBias")
 
     def forward(self, x):
-        if x.dim() != 4 or x.shape[1] != self.dim:
-            raise ValueError(f"x: expected (B, {self.dim}, H, W), got {tuple(x.shape)}")
+        """(B, dim, H, W) -> (B, dim, H, W)."""
+        check_feature_map(self, x, self.dim)
+        if x.shape[0] == 0:
+            return x.clone()  # nothing to normalise (var_mean warns about an empty reduction)
         var, mean = torch.var_mean(x, dim=1, correction=0, keepdim=True)
         weight = self.body.weight.reshape(1, -1, 1, 1)
         if self.body.bias is None:

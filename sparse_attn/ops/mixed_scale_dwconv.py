@@ -9,31 +9,16 @@ The native and Triton kernels read x once per use and write out once: y3, y5, x1
 in full. Backward saves x and out (which ``project_out`` saves anyway) and recomputes the first
 stage tile by tile.
 """
-from typing import Optional
-
 import torch
 
-from .. import backends
 from ..reference import mixed_scale_dwconv as reference_mixed_scale_dwconv
+from . import _library
 
 try:
-    import triton
+    from ..kernels import mixed_scale_dwconv as triton_launchers
+except ImportError:  # no Triton here: the backend says so when asked for
+    triton_launchers = None
 
-    from ..kernels import mixed_scale_dwconv as triton_kernels
-except ImportError:  # no Triton here: backends.why_unavailable says so when "triton" is asked for
-    triton_kernels = None
-
-_NATIVE_OP = "mixed_scale_dwconv_forward"
-_NATIVE_BACKWARD = "mixed_scale_dwconv_backward"
-_TRITON_FORWARD = "mixed_scale_dwconv_triton_forward"
-_TRITON_BACKWARD = "mixed_scale_dwconv_triton_backward"
-_DTYPES = {
-    "native": {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64)},
-    # On CPU tensors Triton is its interpreter, whose bf16 arithmetic is wrong (numpy has no
-    # bf16); the kernels compute in fp32 from any of the three on a GPU.
-    "triton": {"cpu": (torch.float32, torch.float16),
-               "cuda": (torch.float32, torch.float16, torch.bfloat16)},
-}
 _WEIGHT_NAMES = ("w3", "w5", "w3_1", "w5_1")
 _BIAS_NAMES = ("b3", "b5", "b3_1", "b5_1")
 
@@ -49,8 +34,10 @@ def _expected_shapes(channels):
     return weights, biases
 
 
-def _check_arguments(x, weights, biases):
-    """Validate x, the four weights and the (optional) four biases, in the order of the signature."""
+def _check_arguments(x, w3, w5, w3_1, w5_1, b3=None, b5=None, b3_1=None, b5_1=None):
+    """Validate x, the four weights and the (optional) four biases; returns them as the kernels'
+    arguments."""
+    weights, biases = (w3, w5, w3_1, w5_1), (b3, b5, b3_1, b5_1)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a tensor, got {type(x).__name__}")
     if x.dim() != 4:
@@ -76,33 +63,7 @@ def _check_arguments(x, weights, biases):
             raise TypeError(f"{name}: expected x's dtype {x.dtype}, got {t.dtype}")
         if t.device != x.device:
             raise ValueError(f"{name}: expected x's device {x.device}, got {t.device}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Dispatch
-# ---------------------------------------------------------------------------------------------
-def mixed_scale_dwconv(x, w3, w5, w3_1, w5_1, b3=None, b5=None, b3_1=None, b5_1=None, backend="auto"):
-    """The depthwise core of DRSformer's mixed-scale feed-forward network (between
-    ``project_in`` and ``project_out``), fused.
-
-    Args:
-        x: (B, 2h, H, W) floating-point tensor.
-        w3, w5: (2h, 1, 3, 3) and (2h, 1, 5, 5) depthwise weights (``dwconv3x3``, ``dwconv5x5``).
-        w3_1, w5_1: (h, 2, 3, 3) and (h, 2, 5, 5) grouped weights (``dwconv3x3_1``, ``dwconv5x5_1``).
-        b3, b5, b3_1, b5_1: the matching biases, (2h,), (2h,), (h,), (h,), or None.
-        backend: "auto", "reference", "native" or "triton" (see ``sparse_attn.backends``).
-
-    Returns:
-        out: (B, 2h, H, W) of x's dtype: ``relu(conv3x3(x1))`` in the first h channels and
-        ``relu(conv5x5(x2))`` in the last h.
-    """
-    weights, biases = (w3, w5, w3_1, w5_1), (b3, b5, b3_1, b5_1)
-    _check_arguments(x, weights, biases)
-    name = backends.resolve(backend, x, op=_NATIVE_OP, dtypes=_DTYPES, triton_ready=triton_kernels is not None)
-    if name == "reference":
-        return reference_mixed_scale_dwconv(x, *weights, *biases)
-    forward_op = getattr(torch.ops.sparse_attn, _NATIVE_OP if name == "native" else _TRITON_FORWARD)
-    return forward_op(x, *weights, *biases)
+    return (x, *weights, *biases)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,48 +92,77 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = tuple(b is not None for b in (b3, b5, b3_1, b5_1))
 
 
-def _backward_with(backward_op):
-    """The autograd formula of a forward op whose backward is ``backward_op``."""
-    def backward(ctx, grad_out):
-        x, out, w3, w5, w3_1, w5_1, b3, b5 = ctx.saved_tensors
-        grads = backward_op(grad_out, x, out, w3, w5, w3_1, w5_1, b3, b5)
-        bias_grads = tuple(g if given else None for g, given in zip(grads[5:], ctx.has_bias))
-        return (*grads[:5], *bias_grads)
-    return backward
+def _backward(ctx, backward_op, grad_out):
+    x, out, w3, w5, w3_1, w5_1, b3, b5 = ctx.saved_tensors
+    grads = backward_op(grad_out, x, out, w3, w5, w3_1, w5_1, b3, b5)
+    bias_grads = tuple(g if given else None for g, given in zip(grads[5:], ctx.has_bias))
+    return (*grads[:5], *bias_grads)
 
 
-if backends.why_unavailable("native", "cpu", op=_NATIVE_OP) is None:
-    torch.library.register_fake(f"sparse_attn::{_NATIVE_OP}", _fake_forward)
-    torch.library.register_fake(f"sparse_attn::{_NATIVE_BACKWARD}", _fake_backward)
-    torch.library.register_autograd(f"sparse_attn::{_NATIVE_OP}",
-                                    _backward_with(getattr(torch.ops.sparse_attn, _NATIVE_BACKWARD)),
-                                    setup_context=_setup_context)
+# ---------------------------------------------------------------------------------------------
+# Backends
+# ---------------------------------------------------------------------------------------------
+def _cuda_grid():
+    """(tile height, tile width, grid bound) of the CUDA kernels, read once from the extension,
+    their one source; None without it."""
+    try:
+        return tuple(torch.ops.sparse_attn.encoding("mixed_scale_dwconv_cuda_grid", 0))
+    except (AttributeError, RuntimeError):
+        return None
 
-if triton_kernels is not None:
-    # Compiled kernels: triton_op derives the fake implementations by running these functions on
-    # fake tensors, and lets torch.compile see the kernels the launchers start through
-    # wrap_triton. The interpreter's kernels (TRITON_INTERPRET=1) cannot be traced into a graph:
-    # there the ops are opaque custom ops with the native op's fake implementations, which
-    # torch.compile calls as they are.
-    _kernels_compiled = isinstance(triton_kernels.mixed_scale_dwconv_forward_kernel, triton.runtime.JITFunction)
-    _define = torch.library.triton_op if _kernels_compiled else torch.library.custom_op
 
-    @_define(f"sparse_attn::{_TRITON_FORWARD}", mutates_args=())
-    def _triton_forward(x: torch.Tensor, w3: torch.Tensor, w5: torch.Tensor, w3_1: torch.Tensor,
-                        w5_1: torch.Tensor, b3: Optional[torch.Tensor], b5: Optional[torch.Tensor],
-                        b3_1: Optional[torch.Tensor], b5_1: Optional[torch.Tensor]) -> torch.Tensor:
-        return triton_kernels.forward(x, w3, w5, w3_1, w5_1, b3, b5, b3_1, b5_1)
+_CUDA_GRID = _cuda_grid()
 
-    @_define(f"sparse_attn::{_TRITON_BACKWARD}", mutates_args=())
-    def _triton_backward(grad_out: torch.Tensor, x: torch.Tensor, out: torch.Tensor, w3: torch.Tensor,
-                         w5: torch.Tensor, w3_1: torch.Tensor, w5_1: torch.Tensor, b3: Optional[torch.Tensor],
-                         b5: Optional[torch.Tensor]
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return triton_kernels.backward(grad_out, x, out, w3, w5, w3_1, w5_1, b3, b5)
 
-    if not _kernels_compiled:
-        torch.library.register_fake(f"sparse_attn::{_TRITON_FORWARD}", _fake_forward)
-        torch.library.register_fake(f"sparse_attn::{_TRITON_BACKWARD}", _fake_backward)
-    torch.library.register_autograd(f"sparse_attn::{_TRITON_FORWARD}", _backward_with(_triton_backward),
-                                    setup_context=_setup_context)
+def _native_limits(x, *_):
+    """The CUDA kernels' grid: one block per (batch and channel, tile row, tile column)."""
+    if x.device.type != "cuda" or _CUDA_GRID is None:
+        return None
+    tile_h, _tile_w, grid_limit = _CUDA_GRID
+    batch, channels, height, width = x.shape
+    if batch * channels >= grid_limit:
+        return f"its CUDA kernels take B * 2h below {grid_limit}, got {batch} * {channels}"
+    if -(-height // tile_h) >= grid_limit:
+        return f"its CUDA kernels take H below {grid_limit * tile_h}, got {height}"
+    if height * width >= 2**31:
+        return f"its CUDA kernels take H * W below 2^31, got {height} * {width}"
+    return None
+
+
+_OP = _library.plug(_library.OpTable(
+    name="mixed_scale_dwconv",
+    arguments=_check_arguments,
+    reference=reference_mixed_scale_dwconv,
+    fake_forward=_fake_forward,
+    fake_backward=_fake_backward,
+    setup_context=_setup_context,
+    backward=_backward,
+    native=_library.Kernels(
+        forward="mixed_scale_dwconv_forward", backward="mixed_scale_dwconv_backward",
+        dtypes={"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64)},
+        limits=_native_limits),
+    triton=_library.Kernels(
+        forward="mixed_scale_dwconv_triton_forward", backward="mixed_scale_dwconv_triton_backward",
+        # On CPU tensors Triton is its interpreter, whose bf16 arithmetic is wrong (numpy has no
+        # bf16); the kernels compute in fp32 from any of the three on a GPU.
+        dtypes={"cpu": (torch.float32, torch.float16), "cuda": (torch.float32, torch.float16, torch.bfloat16)},
+        launchers=triton_launchers),
+))
+
+
+def mixed_scale_dwconv(x, w3, w5, w3_1, w5_1, b3=None, b5=None, b3_1=None, b5_1=None, backend="auto"):
+    """The depthwise core of DRSformer's mixed-scale feed-forward network (between
+    ``project_in`` and ``project_out``), fused.
+
+    Args:
+        x: (B, 2h, H, W) floating-point tensor.
+        w3, w5: (2h, 1, 3, 3) and (2h, 1, 5, 5) depthwise weights (``dwconv3x3``, ``dwconv5x5``).
+        w3_1, w5_1: (h, 2, 3, 3) and (h, 2, 5, 5) grouped weights (``dwconv3x3_1``, ``dwconv5x5_1``).
+        b3, b5, b3_1, b5_1: the matching biases, (2h,), (2h,), (h,), (h,), or None.
+        backend: "auto", "reference", "native" or "triton" (see ``sparse_attn.backends``).
+
+    Returns:
+        out: (B, 2h, H, W) of x's dtype: ``relu(conv3x3(x1))`` in the first h channels and
+        ``relu(conv5x5(x2))`` in the last h.
+    """
+    return _OP(backend, x, w3, w5, w3_1, w5_1, b3, b5, b3_1, b5_1)

@@ -11,32 +11,22 @@ import numbers
 
 import torch
 
-from .. import backends
+from ..encodings import ACTIVATION_CODES, ACTIVATION_NAMES
 from ..reference import sparse_channel_attention as reference_attention
+from . import _library
 
 try:
-    from ..kernels import sparse_channel_attention as triton_kernels
-except ImportError:  # no Triton here: backends.why_unavailable says so when "triton" is asked for
-    triton_kernels = None
-
-ACTIVATION_CODES = {"softmax": 0, "relu2": 1}  # as in the schema in csrc/ops.cpp
-_NATIVE_OP = "sparse_channel_attention_forward"
-_TRITON_FORWARD = "sparse_channel_attention_triton_forward"
-_TRITON_BACKWARD = "sparse_channel_attention_triton_backward"
-_HALF_AND_SINGLE = (torch.float32, torch.float16, torch.bfloat16)
-_DTYPES = {
-    "native": {"cpu": (torch.float32, torch.float64), "cuda": _HALF_AND_SINGLE + (torch.float64,)},
-    # On CPU tensors Triton is its interpreter, whose bf16 products are wrong (numpy has no bf16).
-    "triton": {"cpu": (torch.float32, torch.float16), "cuda": _HALF_AND_SINGLE},
-}
+    from ..kernels import sparse_channel_attention as triton_launchers
+except ImportError:  # no Triton here: the backend says so when asked for
+    triton_launchers = None
 
 
 # ---------------------------------------------------------------------------------------------
 # Contract
 # ---------------------------------------------------------------------------------------------
-def _check_arguments(q, k, v, temperature, weights, topk, activation):
-    """Validate the inputs; returns temperature as (heads,), weights as (R,), topk and
-    activation as tuples of R entries."""
+def _check_arguments(q, k, v, temperature, weights, topk, activation="softmax"):
+    """Validate the inputs; returns the kernel arguments: q, k, v, temperature as (heads,),
+    weights as (R,), topk and the activation codes as lists of R entries."""
     for name, t in (("q", q), ("k", k), ("v", v), ("temperature", temperature)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
@@ -79,19 +69,80 @@ def _check_arguments(q, k, v, temperature, weights, topk, activation):
                          f"{len(activation)}")
     for r, a in enumerate(activation):
         if a not in ACTIVATION_CODES:
-            raise ValueError(f"activation[{r}]: expected 'softmax' or 'relu2', got {a!r}")
-    return temperature.reshape(heads), weights.reshape(len(topk)), tuple(int(t) for t in topk), activation
+            raise ValueError(f"activation[{r}]: expected one of {tuple(ACTIVATION_CODES)}, got {a!r}")
+    # The kernels' arguments: contiguous parameters, plain lists of ints.
+    return (q, k, v, temperature.reshape(heads).contiguous(), weights.reshape(len(topk)).contiguous(),
+            [int(t) for t in topk], [ACTIVATION_CODES[a] for a in activation])
+
+
+def _reference(q, k, v, temperature, weights, topk, activation_codes):
+    return reference_attention(q, k, v, temperature, weights, topk, [ACTIVATION_NAMES[c] for c in activation_codes])
+
+
 
 
 # ---------------------------------------------------------------------------------------------
-# Dispatch
+# Autograd: the native and Triton ops share the contract (outputs: out and, for backward, the
+# normalised Gram matrix and the channel norms in the accumulation dtype), so they share these.
 # ---------------------------------------------------------------------------------------------
-def _triton_ready(d):
-    if triton_kernels is None:
-        return False
-    if d > triton_kernels.MAX_D:
-        return f"its kernels take at most {triton_kernels.MAX_D} channels per head, got d = {d}"
-    return True
+def _fake_forward(q, k, v, temperature, weights, topk, activation):
+    batch, heads, d, _ = q.shape
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty((batch, heads, d, d), dtype=acc),
+            q.new_empty((batch, heads, d), dtype=acc),
+            q.new_empty((batch, heads, d), dtype=acc))
+
+
+def _fake_backward(grad_out, q, k, v, temperature, weights, gram, q_norm, k_norm, topk, activation):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v, temperature, weights))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, temperature, weights, topk, activation = inputs
+    _, gram, q_norm, k_norm = output
+    ctx.save_for_backward(q, k, v, temperature, weights, gram, q_norm, k_norm)
+    ctx.topk, ctx.activation = topk, activation
+    ctx.mark_non_differentiable(gram, q_norm, k_norm)
+
+
+def _backward(ctx, backward_op, grad_out, _grad_gram, _grad_q_norm, _grad_k_norm):
+    q, k, v, temperature, weights, gram, q_norm, k_norm = ctx.saved_tensors
+    grads = backward_op(grad_out, q, k, v, temperature, weights, gram, q_norm, k_norm, ctx.topk, ctx.activation)
+    return (*grads, None, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends
+# ---------------------------------------------------------------------------------------------
+_HALF_AND_SINGLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton_limits(q, *_):
+    d = q.shape[2]
+    if d > triton_launchers.MAX_D:
+        return f"its kernels take at most {triton_launchers.MAX_D} channels per head, got d = {d}"
+    return None
+
+
+_OP = _library.plug(_library.OpTable(
+    name="sparse_channel_attention",
+    arguments=_check_arguments,
+    reference=_reference,
+    result=lambda outputs: outputs[0],
+    fake_forward=_fake_forward,
+    fake_backward=_fake_backward,
+    setup_context=_setup_context,
+    backward=_backward,
+    native=_library.Kernels(
+        forward="sparse_channel_attention_forward", backward="sparse_channel_attention_backward",
+        dtypes={"cpu": (torch.float32, torch.float64), "cuda": _HALF_AND_SINGLE + (torch.float64,)}),
+    triton=_library.Kernels(
+        forward="sparse_channel_attention_triton_forward", backward="sparse_channel_attention_triton_backward",
+        # On CPU tensors Triton is its interpreter, whose bf16 products are wrong (numpy has no bf16).
+        dtypes={"cpu": (torch.float32, torch.float16), "cuda": _HALF_AND_SINGLE},
+        limits=_triton_limits, launchers=triton_launchers),
+))
 
 
 def sparse_channel_attention(q, k, v, temperature, weights, topk, activation="softmax", backend="auto"):
@@ -109,80 +160,4 @@ def sparse_channel_attention(q, k, v, temperature, weights, topk, activation="so
     Returns:
         out: (B, heads, d, N), of q's dtype.
     """
-    temperature, weights, topk, activation = _check_arguments(q, k, v, temperature, weights, topk, activation)
-    name = backends.resolve(backend, q, op=_NATIVE_OP, dtypes=_DTYPES, triton_ready=_triton_ready(q.shape[2]))
-    if name == "reference":
-        return reference_attention(q, k, v, temperature, weights, topk, activation)
-    codes = [ACTIVATION_CODES[a] for a in activation]
-    forward_op = getattr(torch.ops.sparse_attn, _NATIVE_OP if name == "native" else _TRITON_FORWARD)
-    return forward_op(q, k, v, temperature.contiguous(), weights.contiguous(), list(topk), codes)[0]
-
-
-# ---------------------------------------------------------------------------------------------
-# Autograd and fake (meta) implementations: the native op and the Triton op share the contract
-# (same outputs; gram and norms saved for backward), so they share the autograd formula.
-# ---------------------------------------------------------------------------------------------
-def _accumulation_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _fake_forward(q, k, v, temperature, weights, topk, activation):
-    batch, heads, d, _ = q.shape
-    acc = _accumulation_dtype(q.dtype)
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            q.new_empty((batch, heads, d, d), dtype=acc),
-            q.new_empty((batch, heads, d), dtype=acc),
-            q.new_empty((batch, heads, d), dtype=acc))
-
-
-def _fake_backward(grad_out, q, k, v, temperature, weights, gram, q_norm, k_norm, topk, activation):
-    contiguous = torch.contiguous_format
-    return (torch.empty_like(q, memory_format=contiguous), torch.empty_like(k, memory_format=contiguous),
-            torch.empty_like(v, memory_format=contiguous), torch.empty_like(temperature),
-            torch.empty_like(weights))
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, temperature, weights, topk, activation = inputs
-    _, gram, q_norm, k_norm = output
-    ctx.save_for_backward(q, k, v, temperature, weights, gram, q_norm, k_norm)
-    ctx.topk, ctx.activation = topk, activation
-    ctx.mark_non_differentiable(gram, q_norm, k_norm)
-
-
-def _backward_with(backward_op):
-    """The autograd formula of a forward op whose backward is ``backward_op``."""
-    def backward(ctx, grad_out, _grad_gram, _grad_q_norm, _grad_k_norm):
-        q, k, v, temperature, weights, gram, q_norm, k_norm = ctx.saved_tensors
-        grads = backward_op(grad_out, q, k, v, temperature, weights, gram, q_norm, k_norm,
-                            ctx.topk, ctx.activation)
-        return (*grads, None, None)
-    return backward
-
-
-if backends.why_unavailable("native", "cpu") is None:
-    torch.library.register_fake(f"sparse_attn::{_NATIVE_OP}", _fake_forward)
-    torch.library.register_fake("sparse_attn::sparse_channel_attention_backward", _fake_backward)
-    torch.library.register_autograd(f"sparse_attn::{_NATIVE_OP}",
-                                    _backward_with(torch.ops.sparse_attn.sparse_channel_attention_backward),
-                                    setup_context=_setup_context)
-
-if triton_kernels is not None:
-    # triton_op derives the fake implementations by running these functions on fake tensors,
-    # and lets torch.compile see the kernels the launchers start through wrap_triton.
-    @torch.library.triton_op(f"sparse_attn::{_TRITON_FORWARD}", mutates_args=())
-    def _triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
-                        weights: torch.Tensor, topk: list[int], activation: list[int]
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return triton_kernels.forward(q, k, v, temperature, weights, topk, activation)
-
-    @torch.library.triton_op(f"sparse_attn::{_TRITON_BACKWARD}", mutates_args=())
-    def _triton_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         temperature: torch.Tensor, weights: torch.Tensor, gram: torch.Tensor,
-                         q_norm: torch.Tensor, k_norm: torch.Tensor, topk: list[int], activation: list[int]
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return triton_kernels.backward(grad_out, q, k, v, temperature, weights, gram, q_norm, k_norm,
-                                       topk, activation)
-
-    torch.library.register_autograd(f"sparse_attn::{_TRITON_FORWARD}", _backward_with(_triton_backward),
-                                    setup_context=_setup_context)
+    return _OP(backend, q, k, v, temperature, weights, topk, activation)

@@ -1,7 +1,8 @@
-"""Feed-forward modules with the parameter names of the official networks."""
+"""DRSformer's mixed-scale feed-forward network with the official parameter names."""
 from torch import nn
 
 from ..ops import mixed_scale_dwconv
+from .input_checks import check_feature_map
 
 
 class MixedScaleFFN(nn.Module):
@@ -34,4 +35,8 @@ class MixedScaleFFN(nn.Module):
                                   self.dwconv3x3_1.bias, self.dwconv5x5_1.bias, backend=self.backend)
 
     def forward(self, x):
-        return self.project_out(self._mixed_scale_core(self.project_in(x)))
+        """(B, dim, H, W) -> (B, dim, H, W)."""
+        check_feature_map(self, x, self.dim)
+        hidden = self.project_in(x)
+        # The op takes no empty tensor; its output for an empty batch has its input's shape.
+        return self.project_out(self._mixed_scale_core(hidden) if x.shape[0] > 0 else hidden)
