@@ -159,13 +159,16 @@ def load(name, path, **overrides):
         net = build({**options, **overrides, "type": cls.__name__})
     else:
         net = cls(**{**unet_config(state_dict, cls), **overrides})
-    try:
-        net.load_state_dict(state_dict, strict=True)
-    except RuntimeError as exc:
-        raise CliError(f"--weights: {path} does not fit {cls.__name__}: {_first_line(exc)}") from None
+    load_weights(net, state_dict, f"--weights: {path}")
     return net
 
 
-def _first_line(exc):
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return " ".join(lines[1:3] if len(lines) > 1 else lines)[:300]
+def load_weights(net, path_or_state_dict, what, strict=True):
+    """``net.load_pretrained`` (the models' checkpoint reader and key check), its complaint as a
+    CliError in one line."""
+    from sparse_attn.models.checkpoint import CheckpointError
+    try:
+        net.load_pretrained(path_or_state_dict, strict=strict)
+    except CheckpointError as exc:
+        message = " ".join(line.strip() for line in str(exc).splitlines())
+        raise CliError(f"{what}: {message}") from None

@@ -193,13 +193,8 @@ class Training:
         self.network_options = opt.get("network_g")
         pretrained = opt.get("path.pretrain_network_g", None)
         if pretrained:
-            state_dict, _ = networks.read_checkpoint(pretrained)
-            strict = opt.get("path.strict_load_g", True, bool)
-            try:
-                self.net.load_state_dict(state_dict, strict=strict)
-            except RuntimeError as exc:
-                raise CliError(f"path.pretrain_network_g: {pretrained} does not fit the network_g options: "
-                               f"{networks._first_line(exc)}") from None
+            networks.load_weights(self.net, pretrained, "path.pretrain_network_g",
+                                  strict=opt.get("path.strict_load_g", True, bool))
         if opt.get("train.grad_checkpoint", False, bool):
             checkpoint_transformer_blocks(self.net)
         self.net.to(self.group.device)
