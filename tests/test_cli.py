@@ -393,3 +393,25 @@ def test_console_script_reports_errors_in_one_line(tmp_path):
 def test_bench_passes_its_arguments_to_the_benchmark_suite(capsys):
     code, out, err = run_cli(capsys, "bench", "--help")
     assert code == 0 and "python -m benchmarks" in out and "--targets" in out
+
+
+def test_train_with_bf16_autocast_and_block_recomputation(data, tmp_path, capsys):
+    options = tiny_options(data, tmp_path / "amp", total_iter=3, amp="bf16", grad_checkpoint=True)
+    code, out, err = run_cli(capsys, "train", "--opt", write_options(tmp_path / "amp.yml", options))
+    assert code == 0, err
+    with open(tmp_path / "amp" / "train_log.csv") as f:
+        assert all(np.isfinite(float(row["loss"])) for row in csv.DictReader(f))
+    assert not any(torch.equal(v, w) for v, w in zip(params(tmp_path / "amp" / "models" / "net_g_3.pth").values(),
+                                                      networks.build(TINY_NETWORK).state_dict().values())
+                   if v.numel() > 8)
+
+
+def test_restore_in_bf16_is_close_to_fp32(trained, data, tmp_path, capsys):
+    image = os.path.join(data, "test", "input", "0000.png")
+    weights = trained / "models" / "net_g_40.pth"
+    for dtype in ("fp32", "bf16"):
+        code, _, err = run_cli(capsys, "restore", image, tmp_path / dtype, "--weights", weights, "--dtype", dtype,
+                               "--backend", "reference")
+        assert code == 0, err
+    psnr, _ = psnr_ssim(read_rgb8(tmp_path / "bf16" / "0000.png"), read_rgb8(tmp_path / "fp32" / "0000.png"))
+    assert 30 < psnr < float("inf")  # bf16 rounds differently, but restores the same image

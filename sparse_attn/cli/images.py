@@ -58,7 +58,8 @@ def paired_files(input_dir, target_dir, input_what="input", target_what="target"
         if only_inputs:
             parts.append(f"{len(only_inputs)} in {input_dir} have no match in {target_dir} ({_examples(only_inputs)})")
         if only_targets:
-            parts.append(f"{len(only_targets)} in {target_dir} have no match in {input_dir} ({_examples(only_targets)})")
+            parts.append(f"{len(only_targets)} in {target_dir} have no match in {input_dir} "
+                         f"({_examples(only_targets)})")
         raise CliError("image names do not pair up: " + "; ".join(parts))
     return [(name, inputs[name], targets[name]) for name in sorted(inputs)]
 

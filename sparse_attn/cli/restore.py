@@ -39,7 +39,8 @@ def add_parser(subparsers):
                         help=f"the network ({', '.join(networks.registry())}); default: recognised from --weights")
     parser.add_argument("--weights", default=None, metavar="FILE",
                         help="checkpoint: an official release file ({'params': ...}), one of ours, or a state_dict")
-    parser.add_argument("--backend", default="auto", help=f"op backend ({', '.join(runtime.BACKEND_CHOICES)}; default auto)")
+    parser.add_argument("--backend", default="auto",
+                        help=f"op backend ({', '.join(runtime.BACKEND_CHOICES)}; default auto)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="compute precision (default fp32)")
     parser.add_argument("--tile", type=int, default=None, metavar="N",

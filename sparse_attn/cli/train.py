@@ -293,7 +293,8 @@ class Training:
         except FileNotFoundError:
             raise CliError(f"resume state {state_path} does not exist") from None
         except Exception as exc:
-            raise CliError(f"resume state {state_path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CliError(f"resume state {state_path} cannot be read ({reason})") from None
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         weights = os.path.join(os.path.dirname(os.path.dirname(state_path)), "models", f"net_g_{iteration}.pth")

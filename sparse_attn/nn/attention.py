@@ -43,7 +43,9 @@ class ChannelAttentionBase(nn.Module):
         self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
 
     def attend(self, q, k, v):
-        """The attention of q, k, v, each (B, heads, d, H·W) with B >= 1; returns (B, heads, d, H·W)."""
+        """The attention of q, k, v, each (B, heads, d, H·W) with B >= 1; returns (B, heads, d, H·W).
+        Parameters passed to the op are cast to q's dtype: under autocast q comes in the autocast
+        dtype, the parameters stay float32, and autocast does not cast custom ops' arguments."""
         raise NotImplementedError(f"{type(self).__name__} must implement attend(q, k, v)")
 
     def forward(self, x):
@@ -77,8 +79,8 @@ class TopKChannelAttention(ChannelAttentionBase):
         self.attn4 = nn.Parameter(torch.tensor([0.2]))
 
     def attend(self, q, k, v):
-        weights = torch.cat([self.attn1, self.attn2, self.attn3, self.attn4])
-        return sparse_channel_attention(q, k, v, self.temperature, weights, drsformer_topk(q.shape[2]),
+        weights = torch.cat([self.attn1, self.attn2, self.attn3, self.attn4]).to(q.dtype)
+        return sparse_channel_attention(q, k, v, self.temperature.to(q.dtype), weights, drsformer_topk(q.shape[2]),
                                         "softmax", backend=self.backend)
 
 
@@ -88,5 +90,5 @@ class ChannelAttention(ChannelAttentionBase):
 
     def attend(self, q, k, v):
         weights = torch.ones(1, dtype=q.dtype, device=q.device)
-        return sparse_channel_attention(q, k, v, self.temperature, weights, (q.shape[2],), "softmax",
+        return sparse_channel_attention(q, k, v, self.temperature.to(q.dtype), weights, (q.shape[2],), "softmax",
                                         backend=self.backend)

@@ -44,8 +44,8 @@ class DeepSparseAttention(ChannelAttentionBase):
         self.branch_logits = nn.Parameter(torch.zeros(2))
 
     def attend(self, q, k, v):
-        weights = torch.softmax(self.branch_logits, dim=0)
-        return sparse_channel_attention(q, k, v, self.temperature, weights, (self.topk, self.topk),
+        weights = torch.softmax(self.branch_logits, dim=0).to(q.dtype)
+        return sparse_channel_attention(q, k, v, self.temperature.to(q.dtype), weights, (self.topk, self.topk),
                                         ("softmax", "relu2"), backend=self.backend)
 
     def extra_repr(self):
