@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sparse_attn import backends
 from sparse_attn.nn import MixedScaleFFN, TopKChannelAttention
+from sparse_attn.nn.input_checks import check_feature_map
 
 from .common import RestorationUNet, TransformerBlock
 
@@ -170,6 +171,8 @@ class MEFC(nn.Module):
             self.layers.append(GroupOLs(steps, dim))
 
     def forward(self, x):
+        """(B, dim, H, W) -> (B, dim, H, W)."""
+        check_feature_map(self, x, self._C)
         if backends.requested(self.backend) == "reference":  # the request, not what a build resolves it to
             return self._compensate(x, lean=False)
         if torch.is_grad_enabled():

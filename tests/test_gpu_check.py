@@ -153,3 +153,47 @@ def test_the_report(tmp_path):
                                      gpu_check.Step("collect", "ok", 1), [passing], [], [], "logs")
     assert broken.splitlines()[1] == "build: FAILED (exit 1) (3 s): error: nvcc failed"
     assert broken.splitlines()[-1] == "gpu-check: FAIL (the build)"
+
+
+def test_the_whole_check_fits_the_budget_even_when_every_step_takes_its_whole_timeout(tmp_path, monkeypatch):
+    # main() with every command replaced: each one "takes" its whole timeout on a fake clock and
+    # leaves what the real one would (the collected node ids, a JUnit file, benchmark CSV rows).
+    now = [1000.0]
+    commands = []
+
+    def fake_step(label, command, timeout_s, log_path, env=None):
+        if timeout_s < 1:
+            return gpu_check.Step(label, "not run", detail="no time left in the budget")
+        commands.append((label, command, timeout_s))
+        now[0] += timeout_s
+        with open(log_path, "w") as log:
+            if label == "collect":
+                log.write("tests/test_op_triton.py::test_gpu_matches[float32]\n\n1/9 tests collected\n")
+        junit = [arg.split("=", 1)[1] for arg in command if arg.startswith("--junitxml=")]
+        if junit:
+            with open(junit[0], "w") as f:
+                f.write('<testsuites><testsuite><testcase name="test_gpu_matches"/></testsuite></testsuites>')
+        if "benchmarks" in command:
+            append_csv(_rows()[:2], ENV, command[command.index("--results-dir") + 1])
+        return gpu_check.Step(label, "ok", timeout_s, rc=0, log=log_path)
+
+    monkeypatch.setattr(gpu_check, "clock", lambda: now[0])
+    monkeypatch.setattr(gpu_check, "run_step", fake_step)
+    monkeypatch.setattr(gpu_check, "why_no_device", lambda: None)
+    monkeypatch.setattr(gpu_check, "_title", lambda: "gpu-check · fake device")
+    monkeypatch.setattr(gpu_check, "_build_env", lambda: {})
+    monkeypatch.setattr(gpu_check, "ROOT", str(tmp_path))  # no tests/test_*_gpu.py there
+    assert gpu_check.main(["--log-dir", str(tmp_path / "logs")]) == 0
+    assert now[0] - 1000.0 <= gpu_check.BUDGET_S
+    tests_time = [timeout for label, _, timeout in commands if label.startswith("tests/")]
+    assert sum(tests_time) >= 100, "the tests keep at least 100 s"
+    labels = [label for label, _, _ in commands]
+    assert labels == ["build", "collect", "tests/test_op_triton.py", "attention", "msfn", "models"]
+    test_run = commands[2][1]
+    assert test_run[test_run.index("tests/test_op_triton.py") + 1:][:2] == ["-m", "gpu"]
+    for _, command, _ in commands[3:]:
+        assert command[command.index("--device") + 1] == "cuda"
+    for budget, most in ((9999, gpu_check.BUDGET_S), (200, 200)):  # at most 8 minutes, or less if asked
+        started = now[0]
+        gpu_check.main(["--log-dir", str(tmp_path / "logs"), "--budget-s", str(budget)])
+        assert now[0] - started <= most

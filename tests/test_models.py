@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 import sparse_attn
 from sparse_attn.models import DRSformer, Restormer
-from sparse_attn.models.drsformer import MEFC
+from sparse_attn import backends
+from sparse_attn.models.drsformer import MEFC, OperationLayer
 from sparse_attn.nn import GatedDconvFFN, LayerNorm2d
 
 from benchmarks.memory import saved_bytes
@@ -280,6 +281,28 @@ def test_lean_mefc_compiles_with_gradients(backend):
         expected_grad = torch.autograd.grad(expected.square().sum(), x)[0]
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("constructed, used, lean", [
+    ("auto", "auto", True), ("auto", "native", True), ("auto", "triton", True), ("native", "reference", True),
+    ("auto", "reference", False), ("reference", "auto", False), ("reference", "native", False)])
+def test_mefc_form_follows_the_requested_backend_not_the_build(monkeypatch, constructed, used, lean):
+    # A build without sparse_attn._C and without Triton, where every op resolves to reference: MEFC's
+    # form (its structure, its memory) must still be the one requested, not depend on the build.
+    monkeypatch.setattr(backends, "_NATIVE_IMPORT_ERROR", "sparse_attn._C failed to import (simulated)")
+    monkeypatch.setattr(backends, "_TRITON_IMPORT_ERROR", "triton failed to import (simulated)")
+    forms = []
+    run_layer = OperationLayer.forward
+
+    def recording_forward(self, x, weights, lean=False):
+        forms.append(lean)
+        return run_layer(self, x, weights, lean)
+
+    monkeypatch.setattr(OperationLayer, "forward", recording_forward)
+    mefc = MEFC(8, backend=constructed)
+    with sparse_attn.use_backend(used), torch.no_grad():
+        mefc(torch.randn(1, 8, 6, 6))
+    assert forms and set(forms) == {lean}, forms  # one entry per OperationLayer call
 
 
 # ---------------------------------------------------------------------------------------------

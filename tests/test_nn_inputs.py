@@ -30,6 +30,7 @@ NETWORKS = {
 }
 # (build, argument name, input channels) of everything tested here.
 CASES = {**{name: (build, "x", 16) for name, build in MODULES.items()},
+         "MEFC": (functools.partial(MEFC, 16), "x", 16),
          **{name: (build, "inp_img", 3) for name, build in NETWORKS.items()}}
 
 
