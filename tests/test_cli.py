@@ -415,3 +415,28 @@ def test_restore_in_bf16_is_close_to_fp32(trained, data, tmp_path, capsys):
         assert code == 0, err
     psnr, _ = psnr_ssim(read_rgb8(tmp_path / "bf16" / "0000.png"), read_rgb8(tmp_path / "fp32" / "0000.png"))
     assert 30 < psnr < float("inf")  # bf16 rounds differently, but restores the same image
+
+
+@pytest.mark.parametrize("job", ["synth", "train", "eval", "restore"])
+def test_every_job_has_help(job, capsys):
+    from sparse_attn.cli.main import main
+    with pytest.raises(SystemExit) as exit_info:
+        main([job, "--help"])
+    assert exit_info.value.code == 0
+    assert f"sparse-attn {job}" in capsys.readouterr().out
+
+
+def test_a_too_large_image_streams_where_the_network_can():
+    from sparse_attn.cli.restore import whole_image_forward
+
+    class Streaming(PixelwiseNet):
+        def forward_streaming(self, x, band_rows=None, max_memory=None):
+            self.budget = max_memory
+            return self(x)
+    net, cpu = Streaming(), torch.device("cpu")
+    assert whole_image_forward(net, 10, 100, cpu) == (net, None)
+    forward, reason = whole_image_forward(net, 2**31, 2**30, cpu)
+    image = torch.rand(1, 3, 8, 8)
+    assert reason is None and torch.equal(forward(image), net(image)) and net.budget == int(0.8 * 2**30)
+    forward, reason = whole_image_forward(PixelwiseNet(), 2**31, 2**30, cpu)
+    assert forward is None and "needs about 2.0 GB, 1.0 GB is available on cpu" in reason

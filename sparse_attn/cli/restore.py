@@ -2,13 +2,15 @@
 
 By default each image runs whole through the network, which is what the network computes (its
 channel attention pools over the whole image, so tiles are a different, approximate network).
-An image whose whole-image inference would not fit in the memory available is skipped with the
-memory it needs (estimated from two small probe runs, scaled by the pixel count). ``--tile``
+An image whose whole-image inference would not fit in the memory available (estimated from two
+small probe runs, scaled by the pixel count) runs in exact row bands where the network has
+``forward_streaming``, and is otherwise skipped with the memory it needs. ``--tile``
 runs overlapping tiles instead (averaged where they overlap, or with ``--feather`` blended with
 weights that fall off linearly towards each tile's edge); ``--tta`` averages the eight
 flips/rotations (self-ensemble). Unreadable images are reported and skipped; the exit status is
 1 when any image was skipped.
 """
+import functools
 import os
 import re
 import sys
@@ -69,7 +71,7 @@ def run(args):
     limit = args.memory_limit * 2**30 if args.memory_limit is not None else None
     from tqdm import tqdm
     with sparse_attn.use_backend(args.backend), torch.no_grad():
-        per_pixel = None
+        memory = None
         for path in files:
             target = os.path.join(args.output_dir, stem(path) + ".png")
             reason = _refusal(target, inputs, written)
@@ -84,20 +86,19 @@ def run(args):
                 skipped += 1
                 continue
             h, w = image.shape[-2:]
+            forward = net
             if args.tile is None:
-                if per_pixel is None:
-                    per_pixel = MemoryModel.probe(net, device, dtype)
-                needed, available = per_pixel.bytes_for(h, w), limit or available_bytes(device)
-                if needed > 0.9 * available:
-                    _report(f"skipped {path} ({w}x{h}): whole-image inference needs about {needed / 2**30:.1f} GB, "
-                               f"{available / 2**30:.1f} GB is available on {device}; use --tile 512 "
-                               f"(approximate) or a smaller image")
+                memory = memory or MemoryModel.probe(net, device, dtype)
+                forward, reason = whole_image_forward(net, memory.bytes_for(h, w), limit or available_bytes(device),
+                                                      device)
+                if reason:
+                    _report(f"skipped {path} ({w}x{h}): {reason}")
                     skipped += 1
                     continue
             steps = (8 if args.tta else 1) * len(tile_grid(h, w, args.tile, args.tile_overlap))
             with tqdm(total=steps, desc=os.path.basename(path), unit="pass", leave=False) as progress:
                 try:
-                    restored = restore_image(net, image[None].to(device=device, dtype=dtype), args, progress)
+                    restored = restore_image(forward, image[None].to(device=device, dtype=dtype), args, progress)
                 except torch.OutOfMemoryError:
                     _report(f"skipped {path} ({w}x{h}): out of memory on {device}; use --tile 512")
                     skipped += 1
@@ -129,6 +130,18 @@ def _report(message):
     """A skipped image, on stderr (between progress bars)."""
     from tqdm import tqdm
     tqdm.write(message, file=sys.stderr)
+
+
+def whole_image_forward(net, needed, available, device):
+    """(forward, None) with the forward that fits ``available`` bytes: the network itself, or,
+    when whole-image inference would not fit and the network has one, its exact row-band
+    ``forward_streaming``; else (None, why not, with the memory needed)."""
+    if needed <= 0.9 * available:
+        return net, None
+    if hasattr(net, "forward_streaming"):
+        return functools.partial(net.forward_streaming, max_memory=int(0.8 * available)), None
+    return None, (f"whole-image inference needs about {needed / 2**30:.1f} GB, {available / 2**30:.1f} GB is "
+                  f"available on {device}; use --tile 512 (approximate) or a smaller image")
 
 
 def _refusal(target, inputs, written):

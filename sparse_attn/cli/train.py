@@ -58,8 +58,7 @@ def add_parser(subparsers):
         "train", help="train a network on paired folders from BasicSR-style YAML options",
         description="Train a restoration network from BasicSR-style YAML options (the official DRSformer and "
                     "Restormer files work unchanged). Several GPUs: torchrun --nproc_per_node N -m "
-                    "sparse_attn.cli train --opt FILE.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+                    "sparse_attn.cli train --opt FILE.")
     parser.add_argument("--opt", "-opt", required=True, metavar="OPTIONS.yml", help="the YAML options file")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override an option, e.g. --set train.total_iter=1000 (repeatable)")
