@@ -6,9 +6,14 @@ PY     := $(VENV)/bin/python
 STAMP_DEPS    := $(VENV)/.deps-installed
 STAMP_EDITABLE := $(VENV)/.editable-installed
 
-.PHONY: test bench build gpu-check clean
+.PHONY: test test-all bench build gpu-check clean
 
+# The fast tier: every op and backend (forward, gradients, opcheck, compile) and model parity;
+# tests marked `slow` (more coverage of what the fast tier already covers) run in test-all.
 test: build
+	$(PY) -m pytest tests -q -m "not slow"
+
+test-all: build
 	$(PY) -m pytest tests -q
 
 bench: build

@@ -5,28 +5,18 @@ Each is timed as the official formula (eager and ``torch.compile``) and as
 (level l = 1..4: 48·2^(l-1) channels in 2^(l-1) heads of d = 48, at H/2^(l-1) × W/2^(l-1)).
 """
 import torch
-import torch.nn.functional as F
+
+import sparse_attn
+from sparse_attn.backends import BACKENDS
+from sparse_attn.nn import drsformer_topk
 
 from .case import Case, Variant, baselines, require_backend
+from .official import drsformer_attention, restormer_attention
 from .report import Target, find_row, ratio
 
 GROUP = "attention"
 OPS = {"topk": "top-k attention", "dense": "dense attention (MDTA)"}
-BACKENDS = ("reference", "native", "triton")
 HEAD_DIM = 48
-
-
-def drsformer_topk(d):
-    # As the official code computes them (Python float division, then int).
-    return (int(d / 2), int(d * 2 / 3), int(d * 3 / 4), int(d * 4 / 5))
-
-
-def restormer_formula(q, k, v, temperature):
-    """The official Restormer MDTA computation between the qkv split and project_out."""
-    q = F.normalize(q, dim=-1)
-    k = F.normalize(k, dim=-1)
-    attn = (q @ k.transpose(-2, -1)) * temperature
-    return attn.softmax(dim=-1) @ v
 
 
 def level_spec(op, level, side, compile=True):
@@ -50,18 +40,15 @@ def default_specs(sweep):
 
 
 def _official(op, topk):
-    from sparse_attn.reference import drsformer_formula
-
     if op == "topk":
-        return lambda q, k, v, temperature, weights: drsformer_formula(q, k, v, temperature, weights, topk)
-    return lambda q, k, v, temperature, weights: restormer_formula(q, k, v, temperature)
+        return lambda q, k, v, temperature, weights: drsformer_attention(q, k, v, temperature, weights, topk)
+    return lambda q, k, v, temperature, weights: restormer_attention(q, k, v, temperature)
 
 
 def _ours(topk, backend, device):
     require_backend(backend, device)
 
     def attention(q, k, v, temperature, weights):
-        import sparse_attn
         return sparse_attn.sparse_channel_attention(q, k, v, temperature, weights, topk, "softmax",
                                                     backend=backend)
     return attention

@@ -231,7 +231,7 @@ def measure_variant(case, variant, opts):
         mode = case.peak_mode or ("train" if not case.time_forward else "inference")
         warmup = case.peak_warmup or variant.role == COMPILED
         attempt("peak", lambda: setattr(row, "peak_bytes", memory.peak_bytes(
-            case.group, case.spec, variant.backend, mode, device, warmup=warmup)))
+            case, variant.backend, mode, device, warmup=warmup)))
     if opts.errors and case.truth is not None and variant.role != COMPILED:
         def errors():
             row.fwd_error, row.grad_error = _errors(case, fn, device)

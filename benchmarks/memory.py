@@ -5,7 +5,7 @@
   the figure is device-independent and exact.
 - Peak memory on CUDA: ``torch.cuda.max_memory_allocated`` around the step, in this process.
 - Peak memory on CPU: there is no allocator statistic, so each case runs in a fresh subprocess
-  (``python -m benchmarks.memory``) that reads its own peak RSS around the step, minus its RSS
+  (``python -m benchmarks.memory_child``, which rebuilds the case from its group and spec) that reads its own peak RSS around the step, minus its RSS
   just before. Linux lets the child reset its peak (``/proc/self/clear_refs``) after a warm-up
   step, and glibc is told to map every large buffer separately so that freed memory is
   returned and reused memory is seen; elsewhere the child falls back to ``ru_maxrss`` without
@@ -104,8 +104,8 @@ def cpu_peak_bytes_here(step, warmup=True):
     return _peak_rss_bytes() - before
 
 
-def peak_bytes(group, spec, variant, mode, device, warmup=True, limit_bytes=None):
-    """Peak memory of one step of a case (rebuilt from ``group`` and ``spec``) on ``device``.
+def peak_bytes(case, variant, mode, device, warmup=True, limit_bytes=None):
+    """Peak memory of one step of ``case`` (its variant named ``variant``) on ``device``.
 
     mode: "inference" (no-grad forward) or "train" (forward and backward).
     warmup: run one step before the measured one (compilation, lazy initialisation); worth
@@ -115,14 +115,15 @@ def peak_bytes(group, spec, variant, mode, device, warmup=True, limit_bytes=None
     fit to the end.
     Raises RuntimeError with the child's error when the case cannot run.
     """
-    payload = {"group": group, "spec": spec, "variant": variant, "mode": mode, "device": str(device),
+    device = torch.device(device)
+    if device.type == "cuda":
+        return peak_in_process(case, variant, mode, device, warmup)
+    payload = {"group": case.group, "spec": case.spec, "variant": variant, "mode": mode, "device": str(device),
                "warmup": warmup}
-    if torch.device(device).type == "cuda":
-        return _peak_in_process(payload)
     env = dict(os.environ, **_CHILD_ENV)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    child = subprocess.Popen([sys.executable, "-m", "benchmarks.memory", json.dumps(payload)],
+    child = subprocess.Popen([sys.executable, "-m", "benchmarks.memory_child", json.dumps(payload)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + _CHILD_TIMEOUT_S
     while child.poll() is None:
@@ -143,32 +144,30 @@ def peak_bytes(group, spec, variant, mode, device, warmup=True, limit_bytes=None
     return answer["peak_bytes"]
 
 
-def _peak_in_process(payload):
-    from . import suite
-
-    case = suite.make_case(payload["group"], payload["spec"])
-    device = torch.device(payload["device"])
-    step = case.step(case.variant(payload["variant"]), device, payload["mode"])
+def peak_in_process(case, variant, mode, device, warmup=True):
+    """Peak memory of one step of ``case`` in this process: the allocator's statistic on CUDA
+    (``inf`` when the step runs out of memory), the RSS on CPU (meaningful in a fresh process)."""
+    step = case.step(case.variant(variant), device, mode)
     if device.type == "cuda":
         try:
-            if payload["warmup"]:
+            if warmup:
                 step()
             return cuda_peak_bytes(step, device)
         except torch.cuda.OutOfMemoryError:
             return float("inf")
-    return cpu_peak_bytes_here(step, payload["warmup"])
+    return cpu_peak_bytes_here(step, warmup)
 
 
-def largest_square(group, spec_at, variant, device, budget_bytes, warmup=False, low=64, high=8192, multiple=8):
-    """The largest side s (a multiple of ``multiple``) such that the no-grad inference of
-    ``spec_at(s)`` peaks within ``budget_bytes``, by bisection over [low, high]. Returns
+def largest_square(case_at, variant, device, budget_bytes, warmup=False, low=64, high=8192, multiple=8):
+    """The largest side s (a multiple of ``multiple``) such that the no-grad inference of the case
+    ``case_at(s)`` peaks within ``budget_bytes``, by bisection over [low, high]. Returns
     (side, peak bytes at that side); side is None when even ``low`` does not fit."""
     # The child's RSS includes its own baseline (torch, the model), so it is stopped only when
     # it is well past the budget; whether a side fits is decided on the measured peak.
     limit = int(budget_bytes * 1.25) + 2**30
 
     def peak(side):
-        return peak_bytes(group, spec_at(side), variant, "inference", device, warmup, limit_bytes=limit)
+        return peak_bytes(case_at(side), variant, "inference", device, warmup, limit_bytes=limit)
 
     low_peak = peak(low)
     if low_peak > budget_bytes:
@@ -183,15 +182,3 @@ def largest_square(group, spec_at, variant, device, budget_bytes, warmup=False, 
         else:
             hi = mid - 1
     return best
-
-
-def _child_main(argv):
-    try:
-        peak = _peak_in_process(json.loads(argv[1]))
-        print(json.dumps({"peak_bytes": peak}))
-    except Exception as exc:  # reported to the parent, which puts it in the table
-        print(json.dumps({"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}))
-
-
-if __name__ == "__main__":
-    _child_main(sys.argv)

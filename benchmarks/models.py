@@ -9,13 +9,17 @@ image each backend restores within ``--mem-budget``.
 import torch
 from torch import nn
 
+import sparse_attn
+import sparse_attn.models
+from sparse_attn.backends import BACKENDS
+
 from .case import COMPILED, EAGER, Case, Skipped, Variant, compile_for_case, require_backend
 from .memory import largest_square
 from .report import Target, find_row, ratio
 
 GROUP = "models"
 MODELS = ("DRSformer", "Restormer", "DSGformer")
-BACKENDS = ("native", "triton")
+OURS = tuple(b for b in BACKENDS if b != "reference")  # the reference backend is the baseline
 MODES = {"train": "train step", "inference": "inference"}
 
 
@@ -27,8 +31,6 @@ class OnBackend(nn.Module):
         self.model, self.backend = model, backend
 
     def forward(self, x):
-        import sparse_attn
-
         with sparse_attn.use_backend(self.backend):
             return self.model(x)
 
@@ -45,7 +47,7 @@ def default_specs(sweep):
         not compiled; their inference peak memory at 128², and DRSformer's at 64² (the
         largest-image estimate is drawn through DRSformer's two);
     targets: issue 5's shapes: DRSformer's training step at 128², its inference peak memory at
-        256² and 512²;
+        256² and 512²; issue 15's: Restormer's training step at 128²;
     full: training steps at 128² and 256², inference at 256² and 512², everything compiled and
         every peak measured, and the largest-image bisection."""
     if sweep == "full":
@@ -53,7 +55,7 @@ def default_specs(sweep):
                                                                        ("inference", (256, 512)))
                 for side in sides]
     if sweep == "targets":
-        return [spec("DRSformer", "train", 128, compile=False),
+        return [spec("DRSformer", "train", 128, compile=False), spec("Restormer", "train", 128, compile=False),
                 *(spec("DRSformer", "inference", side, compile=False, peak=True, timed=False) for side in (256, 512))]
     specs = [spec(m, "train", 64, compile=False) for m in ("DRSformer", "DSGformer")]
     specs += [spec(m, "inference", 128, compile=False, peak=m in ("DRSformer", "DSGformer")) for m in MODELS]
@@ -61,9 +63,7 @@ def default_specs(sweep):
 
 
 def _network(name, mode, device, dtype):
-    import sparse_attn.models
-
-    cls = getattr(sparse_attn.models, name)  # AttributeError until the model lands: the row says so
+    cls = getattr(sparse_attn.models, name)
     torch.manual_seed(0)
     model = cls().to(device=device, dtype=dtype)
     return model.train() if mode == "train" else model.eval()
@@ -95,7 +95,7 @@ def make_case(spec):
     variants = [Variant("reference (eager)", reference, EAGER),
                 Variant("reference (compile)", reference_compiled, COMPILED)]
     variants += [Variant(backend, lambda device, dtype, backend=backend: _ours(name, mode, backend, device, dtype))
-                 for backend in BACKENDS]
+                 for backend in OURS]
     train, timed = mode == "train", spec["timed"]
     return Case(group=GROUP, name=f"{name} {MODES[mode]}", shape=f"B{b} 3x{side}x{side}", spec=spec,
                 pixels=side * side, inputs=inputs, variants=variants, time_forward=timed and not train,
@@ -104,12 +104,15 @@ def make_case(spec):
 
 
 def targets(rows):
-    """Issue 5's targets: CPU, fp32, default DRSformer, batch 1."""
+    """Issue 5's targets (DRSformer) and issue 15's (Restormer's training step): CPU, fp32,
+    default configurations, batch 1."""
     train_shape, infer_shape = "B1 3x128x128", "B1 3x512x512"  # measured by --targets and --full
     native = find_row(rows, "DRSformer train step", train_shape, "native")
     reference = find_row(rows, "DRSformer train step", train_shape, "reference (eager)")
     native_512 = find_row(rows, "DRSformer inference", infer_shape, "native")
     reference_512 = find_row(rows, "DRSformer inference", infer_shape, "reference (eager)")
+    restormer = find_row(rows, "Restormer train step", train_shape, "native")
+    restormer_reference = find_row(rows, "Restormer train step", train_shape, "reference (eager)")
     get = lambda row, field: getattr(row, field, None)  # noqa: E731
     return [
         Target("5", f"DRSformer train step {train_shape}: native vs reference", get(native, "speedup_eager_fwdbwd"),
@@ -118,6 +121,10 @@ def targets(rows):
                ratio(get(native, "saved_bytes"), get(reference, "saved_bytes")), "<=", 0.50, "%"),
         Target("5", f"DRSformer inference {infer_shape}: native peak memory / reference's",
                ratio(get(native_512, "peak_bytes"), get(reference_512, "peak_bytes")), "<=", 0.60, "%"),
+        Target("15", f"Restormer train step {train_shape}: native vs reference", get(restormer, "speedup_eager_fwdbwd"),
+               ">=", 1.5),
+        Target("15", f"Restormer train step {train_shape}: native saved bytes / reference's",
+               ratio(get(restormer, "saved_bytes"), get(restormer_reference, "saved_bytes")), "<=", 0.50, "%"),
     ]
 
 
@@ -128,7 +135,7 @@ def section(rows, opts, sweep):
     budget = opts.mem_budget_bytes
     lines = [f"\nLargest square image restored without tiling within {budget / 2**30:.1f} GiB (no-grad, batch 1):"]
     for name in MODELS:
-        for backend in ("reference (eager)",) + BACKENDS:
+        for backend in ("reference (eager)",) + OURS:
             measured = sorted((r.pixels, r.peak_bytes) for r in rows
                               if r.name == f"{name} inference" and r.backend == backend and r.peak_bytes)
             if sweep == "full":
@@ -145,7 +152,7 @@ def section(rows, opts, sweep):
 
 def _bisect(name, backend, opts):
     try:
-        side, peak = largest_square(GROUP, lambda s: spec(name, "inference", s, compile=False), backend,
+        side, peak = largest_square(lambda s: make_case(spec(name, "inference", s, compile=False)), backend,
                                     opts.device, opts.mem_budget_bytes)
     except Exception as exc:  # a backend that cannot run is reported, not raised
         return f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"

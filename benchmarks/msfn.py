@@ -1,52 +1,23 @@
 """MSFN cases: DRSformer's mixed-scale feed-forward network, its depthwise core and the module.
 
-The official ``FeedForward`` is copied below in plain PyTorch (its structure and parameter
-names) as the baseline; ours are ``sparse_attn.mixed_scale_dwconv`` (the core) and
+The official ``FeedForward`` and its depthwise core (``official.py``, bias-free as the network
+uses them) are the baselines; ours are ``sparse_attn.mixed_scale_dwconv`` (the core) and
 ``sparse_attn.nn.MixedScaleFFN`` (the module, loaded with the baseline's weights) on every
 backend. Level l = 1..4: dim 48·2^(l-1) at H/2^(l-1) × W/2^(l-1); hidden h = int(2.66·dim).
 """
 import torch
-import torch.nn.functional as F
-from torch import nn
+
+import sparse_attn
+from sparse_attn.backends import BACKENDS
 
 from .case import Case, Variant, baselines, require_backend
+from .official import FeedForward, msfn_depthwise
 from .report import Target, find_row, ratio
 
 GROUP = "msfn"
 PARTS = {"core": "MSFN core", "module": "MixedScaleFFN"}
-BACKENDS = ("reference", "native", "triton")
 EXPANSION = 2.66
 BASE_DIM = 48
-
-
-def official_depthwise(x, w3, w5, w3_1, w5_1):
-    """The official FeedForward between project_in and project_out (no biases, as DRSformer)."""
-    hidden = x.shape[1] // 2
-    x1_3, x2_3 = F.relu(F.conv2d(x, w3, padding=1, groups=2 * hidden)).chunk(2, dim=1)
-    x1_5, x2_5 = F.relu(F.conv2d(x, w5, padding=2, groups=2 * hidden)).chunk(2, dim=1)
-    x1 = F.relu(F.conv2d(torch.cat([x1_3, x1_5], dim=1), w3_1, padding=1, groups=hidden))
-    x2 = F.relu(F.conv2d(torch.cat([x2_3, x2_5], dim=1), w5_1, padding=2, groups=hidden))
-    return torch.cat([x1, x2], dim=1)
-
-
-class FeedForward(nn.Module):
-    """DRSformer's official MSFN in plain PyTorch, with its parameter names; bias-free, as the
-    network uses it."""
-
-    def __init__(self, dim, ffn_expansion_factor):
-        super().__init__()
-        hidden = int(dim * ffn_expansion_factor)
-        self.project_in = nn.Conv2d(dim, hidden * 2, kernel_size=1, bias=False)
-        self.dwconv3x3 = nn.Conv2d(hidden * 2, hidden * 2, 3, padding=1, groups=hidden * 2, bias=False)
-        self.dwconv5x5 = nn.Conv2d(hidden * 2, hidden * 2, 5, padding=2, groups=hidden * 2, bias=False)
-        self.dwconv3x3_1 = nn.Conv2d(hidden * 2, hidden, 3, padding=1, groups=hidden, bias=False)
-        self.dwconv5x5_1 = nn.Conv2d(hidden * 2, hidden, 5, padding=2, groups=hidden, bias=False)
-        self.project_out = nn.Conv2d(hidden * 2, dim, kernel_size=1, bias=False)
-
-    def forward(self, x):
-        x = official_depthwise(self.project_in(x), self.dwconv3x3.weight, self.dwconv5x5.weight,
-                               self.dwconv3x3_1.weight, self.dwconv5x5_1.weight)
-        return self.project_out(x)
 
 
 def level_spec(part, level, side, compile=True, peak=False, errors=True):
@@ -72,23 +43,16 @@ def default_specs(sweep):
 
 def _baseline_module(dim, device, dtype):
     torch.manual_seed(0)
-    return FeedForward(dim, EXPANSION).to(device=device, dtype=dtype)
+    return FeedForward(dim, EXPANSION, bias=False).to(device=device, dtype=dtype)
 
 
 def _our_core(backend, device):
     require_backend(backend, device)
-    import sparse_attn
-
-    op = sparse_attn.mixed_scale_dwconv  # AttributeError until the op lands: the row says so
-    return lambda x, w3, w5, w3_1, w5_1: op(x, w3, w5, w3_1, w5_1, backend=backend)
+    return lambda x, w3, w5, w3_1, w5_1: sparse_attn.mixed_scale_dwconv(x, w3, w5, w3_1, w5_1, backend=backend)
 
 
 def _our_module(dim, backend, device, dtype):
     require_backend(backend, device)
-    import sparse_attn
-
-    if not hasattr(sparse_attn, "mixed_scale_dwconv"):
-        raise NotImplementedError("sparse_attn.mixed_scale_dwconv is missing: MixedScaleFFN is not on the fused op")
     module = sparse_attn.nn.MixedScaleFFN(dim, EXPANSION, False, backend=backend).to(device=device, dtype=dtype)
     module.load_state_dict(_baseline_module(dim, device, dtype).state_dict())
     return module
@@ -109,9 +73,9 @@ def make_case(spec):
             return seeded(device, dtype, ((b, 2 * hidden, height, width), 1.0), ((2 * hidden, 1, 3, 3), 1 / 3),
                           ((2 * hidden, 1, 5, 5), 1 / 5), ((hidden, 2, 3, 3), 1 / 18 ** 0.5),
                           ((hidden, 2, 5, 5), 1 / 50 ** 0.5))
-        variants = baselines(lambda device, dtype: official_depthwise, compile=spec["compile"])
+        variants = baselines(lambda device, dtype: msfn_depthwise, compile=spec["compile"])
         variants += [Variant(name, lambda device, dtype, name=name: _our_core(name, device)) for name in BACKENDS]
-        truth = lambda device: official_depthwise  # noqa: E731  (run in float64)
+        truth = lambda device: msfn_depthwise  # noqa: E731  (run in float64)
         shape = f"B{b} C{2 * hidden} {height}x{width}"
     else:
         def inputs(device, dtype):

@@ -6,7 +6,7 @@ import time
 from . import case as case_module
 from . import report
 
-GROUPS = ("attention", "msfn", "models")
+GROUPS = ("attention", "msfn", "blocks", "models")
 
 
 def group_module(group):

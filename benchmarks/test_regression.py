@@ -9,12 +9,13 @@ with its reason.
 import pytest
 import torch
 
-from benchmarks import attention, models, msfn
+from benchmarks import attention, blocks, models, msfn
 from benchmarks.case import COMPILED
 
 SMALL = [("attention", attention.make_case(attention.level_spec(op, level, 64, compile=False)))
          for op in attention.OPS for level in (1, 4)]
 SMALL += [("msfn", msfn.make_case(msfn.level_spec(part, 1, 32, compile=False))) for part in msfn.PARTS]
+SMALL += [("blocks", blocks.make_case(blocks.level_spec(part, 1, 32, compile=False))) for part in blocks.PARTS]
 SMALL += [("models", models.make_case(models.spec(name, mode, 32, compile=False)))
           for name in models.MODELS for mode in models.MODES]
 PARAMS = [pytest.param(case, variant, id=f"{case.name} {case.shape} {variant.backend}")
@@ -29,7 +30,7 @@ def test_case(benchmark, case, variant, mode):
     try:
         step = case.step(variant, torch.device("cpu"), mode)
         step()
-    except Exception as exc:  # a backend or op that has not landed, or cannot run on CPU
+    except Exception as exc:  # a backend that cannot run on CPU: the skip says why
         pytest.skip(f"{variant.backend} cannot run: {type(exc).__name__}: {str(exc).splitlines()[0][:150]}")
     benchmark.group = f"{case.name} {case.shape} {mode}"
     if case.group == "models":  # seconds per call on CPU even at 32²: a few rounds, not pytest-benchmark's many

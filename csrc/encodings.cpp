@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include "common/gated_dwconv.h"
+#include "common/gated_dwconv_args.h"
 #include "common/mixed_scale_dwconv.h"
 #include "common/mixed_scale_dwconv_args.h"
 #include "common/sparse_channel_attention.h"
@@ -31,6 +33,11 @@ std::vector<int64_t> encoding(c10::string_view name, int64_t size) {
       }
     }
     return table;
+  }
+  if (name == "gated_dwconv_activation_codes") return {gdw::kGelu, gdw::kPrelu, gdw::kRelu2, gdw::kIdentity};
+  if (name == "gated_dwconv_grad_layout") {  // size: h
+    const gdw::GradLayout g(size);
+    return {g.weight, g.bias, g.slope, g.total};
   }
   if (name == "mixed_scale_dwconv_cuda_grid") return {msdw::kCudaTileH, msdw::kCudaTileW, msdw::kCudaGridLimit};
   TORCH_CHECK(false, "encoding: unknown name '", std::string(name), "'");

@@ -36,6 +36,28 @@ TORCH_LIBRARY(sparse_attn, m) {
       "-> (Tensor grad_x, Tensor grad_w3, Tensor grad_w5, Tensor grad_w3_1, Tensor grad_w5_1, "
       "Tensor grad_b3, Tensor grad_b5, Tensor grad_b3_1, Tensor grad_b5_1)");
 
+  // Channel LayerNorm of the Restormer family (DESIGN.md §5). x: (B, C, H, W); weight, bias: (C,);
+  // with a bias it centres x (WithBias), without it divides x itself (BiasFree). Besides `out` it
+  // returns what backward needs: the per-pixel mean and 1/sqrt(var + eps), (B, H, W) in x's dtype.
+  // The backward returns the gradients of x, weight and bias (the bias gradient always).
+  m.def("layer_norm2d_forward(Tensor x, Tensor weight, Tensor? bias, float eps) "
+        "-> (Tensor out, Tensor mean, Tensor rstd)");
+  m.def(
+      "layer_norm2d_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor mean, Tensor rstd) "
+      "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+
+  // Gated depthwise core of Restormer's GDFN (DESIGN.md §5). x: (B, 2h, H, W); weight: (2h,1,3,3);
+  // bias: (2h,) or None; activation: 0 = gelu, 1 = prelu, 2 = relu2, 3 = identity
+  // (sparse_attn/encodings.py GATE_ACTIVATION_CODES); activation_weight: prelu's slope (1,).
+  // out: (B, h, H, W). The backward recomputes z from x and returns the gradients of x, weight,
+  // bias and activation_weight (the last two always).
+  m.def("gated_dwconv_forward(Tensor x, Tensor weight, Tensor? bias, int activation, "
+        "Tensor? activation_weight) -> Tensor");
+  m.def(
+      "gated_dwconv_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, int activation, "
+      "Tensor? activation_weight) "
+      "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_activation_weight)");
+
   // The constants the kernels and the Python side share, for the tests to compare (csrc/encodings.cpp).
   m.def("encoding(str name, int size) -> int[]");
 }

@@ -22,14 +22,15 @@ class TransformerBlock(nn.Module):
     attention: called as ``attention(dim, num_heads, bias)``, e.g. a module class or a
         ``functools.partial`` of one carrying its other arguments.
     feedforward: called as ``feedforward(dim, ffn_expansion_factor, bias)``.
+    backend: the norms' op backend ("auto" honours :func:`sparse_attn.use_backend`).
     """
 
     def __init__(self, dim, num_heads, ffn_expansion_factor, bias, LayerNorm_type, attention,  # noqa: N803
-                 feedforward):
+                 feedforward, backend="auto"):
         super().__init__()
-        self.norm1 = LayerNorm2d(dim, LayerNorm_type)
+        self.norm1 = LayerNorm2d(dim, LayerNorm_type, backend=backend)
         self.attn = attention(dim, num_heads, bias)
-        self.norm2 = LayerNorm2d(dim, LayerNorm_type)
+        self.norm2 = LayerNorm2d(dim, LayerNorm_type, backend=backend)
         self.ffn = feedforward(dim, ffn_expansion_factor, bias)
 
     def forward(self, x):

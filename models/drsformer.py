@@ -212,7 +212,7 @@ class DRSformer(RestorationUNet):
         block = functools.partial(
             TransformerBlock, ffn_expansion_factor=ffn_expansion_factor, bias=bias, LayerNorm_type=LayerNorm_type,
             attention=functools.partial(TopKChannelAttention, backend=backend),
-            feedforward=functools.partial(MixedScaleFFN, backend=backend))
+            feedforward=functools.partial(MixedScaleFFN, backend=backend), backend=backend)
         super().__init__(inp_channels, out_channels, dim, num_blocks, heads, bias, block,
                          stem=functools.partial(MEFC, dim, backend=backend) if mefc else None,
                          refinement=functools.partial(MEFC, int(dim * 2 ** 1), backend=backend) if mefc else None)

@@ -32,7 +32,8 @@ class DSGformer(RestorationUNet):
     gate: the feed-forward gate, "gelu" or "relu2".
     patch_size: the frequency filter's patch side (8).
     recompute_spectrum: redo the filter's FFT in backward instead of saving the spectrum (True).
-    backend: the attention op's backend ("auto" honours :func:`sparse_attn.use_backend`).
+    backend: the op backend of every block: attention, norms and the gate ("auto" honours
+        :func:`sparse_attn.use_backend`).
 
     ``forward`` takes images of any size (reflect-padded to a multiple of 8, cropped back).
     """
@@ -44,7 +45,8 @@ class DSGformer(RestorationUNet):
             TransformerBlock, ffn_expansion_factor=ffn_expansion_factor, bias=bias, LayerNorm_type=LayerNorm_type,
             attention=functools.partial(DeepSparseAttention, keep_fraction=keep_fraction, backend=backend),
             feedforward=functools.partial(FrequencyGatedFFN, gate=gate, patch_size=patch_size,
-                                          recompute_spectrum=recompute_spectrum))
+                                          recompute_spectrum=recompute_spectrum, backend=backend),
+            backend=backend)
         dim2 = int(dim * 2 ** 1)
         super().__init__(inp_channels, out_channels, dim, num_blocks, heads, bias, block,
                          refinement=lambda: nn.Sequential(*[block(dim2, heads[0]) for _ in range(num_refinement_blocks)]))

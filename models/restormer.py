@@ -18,7 +18,7 @@ class Restormer(RestorationUNet):
     """Restormer: MDTA + GDFN blocks in a four-level U-Net with refinement blocks.
 
     Arguments and defaults are the official ones (``restormer_arch.py``), plus ``backend`` (the op
-    backend of every attention block; "auto" honours :func:`sparse_attn.use_backend`).
+    backend of every block: attention, norms and GDFN; "auto" honours :func:`sparse_attn.use_backend`).
     ``dual_pixel_task=True`` (dual-pixel defocus deblurring; use ``inp_channels=6``) adds the
     official ``skip_conv`` from the embedding to the output and drops the global residual.
     The default configuration has 26,126,644 parameters. ``forward`` accepts any image size
@@ -30,7 +30,8 @@ class Restormer(RestorationUNet):
                  dual_pixel_task=False, backend="auto"):
         block = functools.partial(
             TransformerBlock, ffn_expansion_factor=ffn_expansion_factor, bias=bias, LayerNorm_type=LayerNorm_type,
-            attention=functools.partial(ChannelAttention, backend=backend), feedforward=GatedDconvFFN)
+            attention=functools.partial(ChannelAttention, backend=backend),
+            feedforward=functools.partial(GatedDconvFFN, backend=backend), backend=backend)
         dim2 = int(dim * 2 ** 1)
         super().__init__(inp_channels, out_channels, dim, num_blocks, heads, bias, block,
                          refinement=lambda: nn.Sequential(*[block(dim2, heads[0]) for _ in range(num_refinement_blocks)]),

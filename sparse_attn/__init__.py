@@ -1,12 +1,14 @@
 """sparse-attn: fused Triton and C++/CUDA kernels for image-restoration transformers.
 
-Ops: :func:`sparse_channel_attention`, :func:`mixed_scale_dwconv`. Modules: :mod:`sparse_attn.nn`.
+Ops: :func:`sparse_channel_attention`, :func:`mixed_scale_dwconv`, :func:`layer_norm2d`,
+:func:`gated_dwconv`. Modules: :mod:`sparse_attn.nn`.
 Networks: :mod:`sparse_attn.models`. Backends: :mod:`sparse_attn.backends` and :func:`use_backend`.
 """
 from . import backends
 from .backends import use_backend
-from .ops import mixed_scale_dwconv, sparse_channel_attention
+from .ops import gated_dwconv, layer_norm2d, mixed_scale_dwconv, sparse_channel_attention
 from . import nn
 
-__all__ = ["backends", "use_backend", "sparse_channel_attention", "mixed_scale_dwconv", "nn"]
+__all__ = ["backends", "use_backend", "sparse_channel_attention", "mixed_scale_dwconv", "layer_norm2d", "gated_dwconv",
+           "nn"]
 __version__ = "0.1.0"

@@ -19,3 +19,17 @@ MSFN_GRAD_LAYOUT = {
 def msfn_grad_offsets(hidden):
     """{name: start} of the gradient table's row for h = ``hidden`` (C = 2h), plus "total"."""
     return {name: per_c * 2 * hidden + per_h * hidden for name, (per_c, per_h) in MSFN_GRAD_LAYOUT.items()}
+
+# gated_dwconv's activation codes: the `activation` argument of its kernels.
+GATE_ACTIVATION_CODES = {"gelu": 0, "prelu": 1, "relu2": 2, "identity": 3}
+GATE_ACTIVATION_NAMES = {code: name for name, code in GATE_ACTIVATION_CODES.items()}
+
+# gated_dwconv's backward writes the weight, bias and (prelu) slope gradients of a (batch, tile)
+# into one row of a partial-sum table: each entry's start as a multiple of h (2h channels, one
+# slope partial per group), and "total" the row length.
+GATED_GRAD_LAYOUT = {"weight": 0, "bias": 18, "slope": 20, "total": 21}
+
+
+def gated_grad_offsets(hidden):
+    """{name: start} of the gradient table's row for h = ``hidden``, plus "total"."""
+    return {name: per_h * hidden for name, per_h in GATED_GRAD_LAYOUT.items()}

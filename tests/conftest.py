@@ -18,5 +18,3 @@ torch.backends.cudnn.allow_tf32 = False
 def _seed():
     torch.manual_seed(0)
 
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")

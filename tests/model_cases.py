@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import sparse_attn
-from sparse_attn.backends import BackendUnavailable
+from sparse_channel_attention_cases import why_unavailable
 
 # Every backend that runs here; the triton one (CPU tensors under TRITON_INTERPRET=1) is included
 # and skipped, with the reason, wherever the attention op says it cannot run the inputs.
@@ -14,21 +14,14 @@ BACKENDS = sparse_attn.backends.available("cpu")
 
 def skip_unless_runs(backend, dtype):
     """Skip (with the op's reason) where the attention op cannot run ``backend`` in ``dtype``."""
-    q = torch.ones(1, 1, 2, 3, dtype=dtype)
-    try:
-        sparse_attn.sparse_channel_attention(q, q, q, torch.ones(1, dtype=dtype), torch.ones(1, dtype=dtype),
-                                             (2,), backend=backend)
-    except BackendUnavailable as exc:
-        pytest.skip(str(exc))
+    reason = why_unavailable(backend, dtype)
+    if reason is not None:
+        pytest.skip(reason)
 
 
 def runs(backend, dtype):
     """Whether the attention op runs ``backend`` in ``dtype`` here."""
-    try:
-        skip_unless_runs(backend, dtype)
-    except pytest.skip.Exception:
-        return False
-    return True
+    return why_unavailable(backend, dtype) is None
 
 
 def training_dtype(backend):

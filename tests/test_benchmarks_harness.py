@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from benchmarks import attention, memory, report, suite
+from benchmarks import attention, memory, memory_child, report, suite
 from benchmarks.case import (COMPILED, EAGER, Case, Options, Row, Skipped, Variant, add_speedups, measure,
                              speedup)
 
@@ -143,10 +143,10 @@ def test_cpu_peak_of_a_known_allocation():
 
 def test_peak_memory_subprocess(capsys):
     spec = attention.level_spec("topk", 4, 32, compile=False)
-    peak = memory.peak_bytes("attention", spec, "reference", "inference", "cpu")
+    peak = memory.peak_bytes(attention.make_case(spec), "reference", "inference", "cpu")
     assert 0 <= peak < 256 * 2**20
     # The child's answer when its case cannot run (in this process: a second child is slow).
-    memory._child_main(["memory", json.dumps({"group": "attention", "spec": spec, "variant": "no such backend",
+    memory_child.main(["memory_child", json.dumps({"group": "attention", "spec": spec, "variant": "no such backend",
                                               "mode": "inference", "device": "cpu", "warmup": False})])
     answer = json.loads(capsys.readouterr().out)
     assert "has no variant 'no such backend'" in answer["error"]
@@ -164,3 +164,5 @@ def test_every_sweep_builds_its_cases_and_covers_the_targets():
     assert ("top-k attention", "B1 heads1 d48 256x256") in shapes
     assert ("MSFN core", "B1 C254 256x256") in shapes and ("MixedScaleFFN", "B1 dim48 256x256") in shapes
     assert ("DRSformer train step", "B1 3x128x128") in shapes and ("DRSformer inference", "B1 3x512x512") in shapes
+    assert ("LayerNorm (WithBias)", "B1 C48 256x256") in shapes and ("GDFN core (gelu)", "B1 C254 256x256") in shapes
+    assert ("Restormer train step", "B1 3x128x128") in shapes

@@ -11,7 +11,6 @@ from sparse_attn.models import DSGformer, Restormer
 from sparse_attn.nn import DeepSparseAttention, FrequencyGatedFFN
 
 from benchmarks.memory import saved_bytes
-
 from model_cases import BACKENDS, assert_training_agrees, skip_unless_runs, train_steps, training_dtype
 
 SMALL = dict(dim=8, num_blocks=(1, 1, 1, 1), num_refinement_blocks=1, heads=(1, 2, 4, 8))

@@ -1,22 +1,20 @@
-"""mixed_scale_dwconv (DESIGN.md §2) and sparse_attn.nn.MixedScaleFFN: every backend against the
-reference, forward and every gradient; gradcheck, opcheck, torch.compile, input checks,
-state_dict parity with DRSformer's FeedForward, determinism."""
+"""mixed_scale_dwconv (DESIGN.md §2) and sparse_attn.nn.MixedScaleFFN on the reference and native
+CPU backends: native against the float64 reference, forward and every gradient; gradcheck,
+opcheck, torch.compile, input checks, state_dict parity with DRSformer's FeedForward,
+determinism. (Triton: test_mixed_scale_dwconv_triton.py; CUDA: ..._gpu.py.)"""
 import pytest
 import torch
-from torch import nn
 
 import sparse_attn
+from benchmarks.memory import saved_bytes
+from benchmarks.official import FeedForward
+from helpers import compiled_once, forward_and_grads, opcheck_every_custom_op
+from mixed_scale_dwconv_cases import NAMES, SHAPES, assert_close_to_reference, make_inputs, on, why_unavailable
 from sparse_attn import backends
 from sparse_attn.reference import mixed_scale_dwconv as reference
 
-from benchmarks.memory import saved_bytes
-
-from conftest import requires_cuda
-from mixed_scale_dwconv_cases import (NAMES, SHAPES, assert_close_to_reference, forward_and_grads, make_inputs,
-                                     opcheck_forward_and_backward)
-
-NATIVE_CPU = backends.why_unavailable("native", "cpu")
-requires_native = pytest.mark.skipif(NATIVE_CPU is not None, reason=f"native backend: {NATIVE_CPU}")
+NATIVE_CPU = why_unavailable("native")
+requires_native = pytest.mark.skipif(NATIVE_CPU is not None, reason=str(NATIVE_CPU))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,27 +51,24 @@ def test_native_gradcheck(bias):
 @requires_native
 @pytest.mark.parametrize("bias", [True, False])
 def test_opcheck(bias):
-    inputs = [t.requires_grad_() if t is not None else None for t in make_inputs((2, 6, 5, 7), torch.float64, bias)]
-    ops = torch.ops.sparse_attn
-    opcheck_forward_and_backward(ops.mixed_scale_dwconv_forward, ops.mixed_scale_dwconv_backward, inputs)
+    checked = opcheck_every_custom_op(on("native"), make_inputs((2, 6, 5, 7), torch.float64, bias))
+    assert len(checked) == 2, checked  # the forward and the backward op
 
 
 @requires_native
 def test_native_is_deterministic_and_independent_of_threads():
     inputs = make_inputs((2, 10, 40, 140), torch.float32)
     grad = torch.randn(2, 10, 40, 140)
-    fn = lambda *a: sparse_attn.mixed_scale_dwconv(*a, backend="native")  # noqa: E731
-    first = forward_and_grads(fn, inputs, grad)
-    second = forward_and_grads(fn, inputs, grad)
+    first = forward_and_grads(on("native"), inputs, grad)
+    second = forward_and_grads(on("native"), inputs, grad)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        single = forward_and_grads(fn, inputs, grad)
+        single = forward_and_grads(on("native"), inputs, grad)
     finally:
         torch.set_num_threads(threads)
     for run in (second, single):
-        assert torch.equal(run[0], first[0])
-        for name, a, b in zip(NAMES, run[1], first[1]):
+        for name, a, b in zip(("out",) + NAMES, run, first):
             assert torch.equal(a, b), f"{name} differs between runs"
 
 
@@ -133,44 +128,11 @@ def test_input_errors_name_the_argument():
 # ---------------------------------------------------------------------------------------------
 # MixedScaleFFN
 # ---------------------------------------------------------------------------------------------
-class OfficialFeedForward(nn.Module):
-    """DRSformer's FeedForward in plain PyTorch, with the structure of the official code."""
-
-    def __init__(self, dim, ffn_expansion_factor, bias):
-        super().__init__()
-        hidden_features = int(dim * ffn_expansion_factor)
-        self.project_in = nn.Conv2d(dim, hidden_features * 2, kernel_size=1, bias=bias)
-        self.dwconv3x3 = nn.Conv2d(hidden_features * 2, hidden_features * 2, kernel_size=3, stride=1,
-                                   padding=1, groups=hidden_features * 2, bias=bias)
-        self.dwconv5x5 = nn.Conv2d(hidden_features * 2, hidden_features * 2, kernel_size=5, stride=1,
-                                   padding=2, groups=hidden_features * 2, bias=bias)
-        self.relu3 = nn.ReLU()
-        self.relu5 = nn.ReLU()
-        self.dwconv3x3_1 = nn.Conv2d(hidden_features * 2, hidden_features, kernel_size=3, stride=1,
-                                     padding=1, groups=hidden_features, bias=bias)
-        self.dwconv5x5_1 = nn.Conv2d(hidden_features * 2, hidden_features, kernel_size=5, stride=1,
-                                     padding=2, groups=hidden_features, bias=bias)
-        self.relu3_1 = nn.ReLU()
-        self.relu5_1 = nn.ReLU()
-        self.project_out = nn.Conv2d(hidden_features * 2, dim, kernel_size=1, bias=bias)
-
-    def forward(self, x):
-        x = self.project_in(x)
-        x1_3, x2_3 = self.relu3(self.dwconv3x3(x)).chunk(2, dim=1)
-        x1_5, x2_5 = self.relu5(self.dwconv5x5(x)).chunk(2, dim=1)
-        x1 = torch.cat([x1_3, x1_5], dim=1)
-        x2 = torch.cat([x2_3, x2_5], dim=1)
-        x1 = self.relu3_1(self.dwconv3x3_1(x1))
-        x2 = self.relu5_1(self.dwconv5x5_1(x2))
-        x = torch.cat([x1, x2], dim=1)
-        return self.project_out(x)
-
-
 @pytest.mark.parametrize("backend", ["reference", pytest.param("native", marks=requires_native)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_mixed_scale_ffn_loads_official_state_dict(backend, bias):
     """DRSformer level 1: dim 48, expansion 2.66 -> h = 127 (2h = 254)."""
-    official = OfficialFeedForward(48, 2.66, bias).double()
+    official = FeedForward(48, 2.66, bias).double()
     ours = sparse_attn.nn.MixedScaleFFN(48, 2.66, bias, backend=backend).double()
     assert set(ours.state_dict()) == set(official.state_dict())
     ours.load_state_dict(official.state_dict())
@@ -187,30 +149,20 @@ def test_mixed_scale_ffn_loads_official_state_dict(backend, bias):
         torch.testing.assert_close(p.grad, params[name].grad, rtol=1e-10, atol=1e-11, msg=name)
 
 
-def _compile_counted(fn, backend):
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend(backend)
-    return torch.compile(fn, backend=counter, fullgraph=True, dynamic=True), counter
-
-
 IMAGE_SIZES = ((9, 13), (12, 7), (5, 20))
 
 
 @requires_native
 def test_compiled_op_forward_and_backward_do_not_recompile_for_new_image_sizes():
     """Inductor, forward and backward of the op: one compilation serves every H x W."""
-    fn = lambda *a: sparse_attn.mixed_scale_dwconv(*a, backend="native")  # noqa: E731
-    compiled, counter = _compile_counted(fn, "inductor")
-    for height, width in IMAGE_SIZES:
-        inputs = make_inputs((2, 6, height, width), torch.float32)
-        grad = torch.randn(2, 6, height, width)
-        want, got = forward_and_grads(fn, inputs, grad), forward_and_grads(compiled, inputs, grad)
-        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
-        for name, a, b in zip(NAMES, got[1], want[1]):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
-    assert counter.frame_count == 1, f"compiled {counter.frame_count} times for {len(IMAGE_SIZES)} image sizes"
+    with compiled_once(on("native")) as compiled:
+        for height, width in IMAGE_SIZES:
+            inputs = make_inputs((2, 6, height, width), torch.float32)
+            grad = torch.randn(2, 6, height, width)
+            want, got = forward_and_grads(on("native"), inputs, grad), forward_and_grads(compiled, inputs, grad)
+            torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+            for name, a, b in zip(NAMES, got[1:], want[1:]):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
 
 
 @requires_native
@@ -222,65 +174,27 @@ def test_compiled_mixed_scale_ffn_runs_without_graph_breaks_or_recompiles():
     aot_eager, which still runs the op's fake and autograd registrations with symbolic sizes.)
     """
     model = sparse_attn.nn.MixedScaleFFN(8, 2.66, True, backend="native")
-    compiled, counter = _compile_counted(model, "inductor")
-    with torch.no_grad():
+    with compiled_once(model) as compiled, torch.no_grad():
         for height, width in IMAGE_SIZES:
             x = torch.randn(2, 8, height, width)
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
-    assert counter.frame_count == 1, f"inference compiled {counter.frame_count} times"
 
-    compiled, counter = _compile_counted(model, "aot_eager")
-    for height, width in IMAGE_SIZES:
-        x = torch.randn(2, 8, height, width)
-        x_eager, x_compiled = x.clone().requires_grad_(), x.clone().requires_grad_()
-        out_eager, out_compiled = model(x_eager), compiled(x_compiled)
-        torch.testing.assert_close(out_compiled, out_eager, rtol=1e-5, atol=1e-5)
-        out_eager.sum().backward()
-        out_compiled.sum().backward()
-        torch.testing.assert_close(x_compiled.grad, x_eager.grad, rtol=1e-5, atol=1e-5)
-    assert counter.frame_count == 1, f"training compiled {counter.frame_count} times"
+    with compiled_once(model, backend="aot_eager") as compiled:
+        for height, width in IMAGE_SIZES:
+            x = torch.randn(2, 8, height, width)
+            x_eager, x_compiled = x.clone().requires_grad_(), x.clone().requires_grad_()
+            out_eager, out_compiled = model(x_eager), compiled(x_compiled)
+            torch.testing.assert_close(out_compiled, out_eager, rtol=1e-5, atol=1e-5)
+            out_eager.sum().backward()
+            out_compiled.sum().backward()
+            torch.testing.assert_close(x_compiled.grad, x_eager.grad, rtol=1e-5, atol=1e-5)
 
 
 @requires_native
 def test_mixed_scale_ffn_saves_less_for_backward():
     """The fused core saves x and out (out is also project_out's input): far less than the
     official module's per-branch maps."""
-    official = OfficialFeedForward(48, 2.66, False)
+    official = FeedForward(48, 2.66, False)
     ours = sparse_attn.nn.MixedScaleFFN(48, 2.66, False, backend="native")
     x = torch.randn(1, 48, 32, 32, requires_grad=True)
     assert saved_bytes(lambda: ours(x))[0] <= 0.35 * saved_bytes(lambda: official(x))[0]
-
-
-# ---------------------------------------------------------------------------------------------
-# CUDA (run where a GPU is present)
-# ---------------------------------------------------------------------------------------------
-def _native_cuda_reason():
-    if not torch.cuda.is_available():
-        return "needs a CUDA device"
-    return backends.why_unavailable("native", "cuda")
-
-
-requires_native_cuda = pytest.mark.skipif(_native_cuda_reason() is not None, reason=str(_native_cuda_reason()))
-
-
-@requires_cuda
-@requires_native_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_native_cuda_matches_reference(shape, bias, dtype):
-    assert_close_to_reference("native", shape, dtype, bias, device="cuda")
-
-
-@requires_cuda
-@requires_native_cuda
-def test_native_cuda_is_deterministic_and_gradchecks():
-    inputs = make_inputs((2, 10, 40, 140), torch.float32, device="cuda")
-    grad = torch.randn(2, 10, 40, 140, device="cuda")
-    fn = lambda *a: sparse_attn.mixed_scale_dwconv(*a, backend="native")  # noqa: E731
-    first, second = forward_and_grads(fn, inputs, grad), forward_and_grads(fn, inputs, grad)
-    assert torch.equal(first[0], second[0])
-    for name, a, b in zip(NAMES, first[1], second[1]):
-        assert torch.equal(a, b), f"{name} differs between runs"
-    small = [t.requires_grad_() for t in make_inputs((2, 6, 4, 5), torch.float64, device="cuda")]
-    assert torch.autograd.gradcheck(fn, small, eps=1e-6, atol=1e-7)

@@ -1,22 +1,19 @@
-"""The `triton` backend of mixed_scale_dwconv (DESIGN.md §2): on CPU tensors in Triton's
-interpreter (TRITON_INTERPRET=1, set by conftest.py) against the float64 reference, forward and
+"""The `triton` backend of mixed_scale_dwconv (DESIGN.md §2) on CPU tensors, in Triton's
+interpreter (TRITON_INTERPRET=1, set by conftest.py), against the float64 reference: forward and
 every gradient; deterministic weight gradients; torch.library and torch.compile; the errors of a
-backend that cannot run. Where a GPU is present (tests marked `gpu`), the compiled kernels
-against the reference and the native CUDA kernels. Sizes are small: the interpreter runs each
-program in numpy."""
-import os
-
+backend that cannot run. (The compiled kernels on a GPU: test_mixed_scale_dwconv_gpu.py.) Sizes
+are small: the interpreter runs each program in numpy."""
 import pytest
 import torch
 
 import sparse_attn
-from mixed_scale_dwconv_cases import (NAMES, SHAPES, assert_close_to_reference, forward_and_grads, make_inputs,
-                                     opcheck_forward_and_backward)
+from helpers import compiled_once, forward_and_grads, opcheck_every_custom_op
+from mixed_scale_dwconv_cases import NAMES, SHAPES, assert_close_to_reference, make_inputs, on, why_unavailable
 from sparse_attn import backends
 from sparse_attn.reference import mixed_scale_dwconv as reference
 
-TRITON_CPU = backends.why_unavailable("triton", "cpu")
-requires_triton_cpu = pytest.mark.skipif(TRITON_CPU is not None, reason=f"triton on CPU tensors: {TRITON_CPU}")
+TRITON_CPU = why_unavailable("triton")
+requires_triton_cpu = pytest.mark.skipif(TRITON_CPU is not None, reason=str(TRITON_CPU))
 triton_kernels = pytest.importorskip("sparse_attn.kernels.mixed_scale_dwconv", reason="Triton is not installed")
 
 # The interpreter's frames are as large as the image up to 32 x 64 pixels (28 x 60 tiles), of up to
@@ -27,8 +24,7 @@ triton_kernels = pytest.importorskip("sparse_attn.kernels.mixed_scale_dwconv", r
 TRITON_SHAPES = [s for s in SHAPES if s[2] * s[3] <= 100] + [(1, 6, 30, 70), (1, 8, 6, 5), (2, 38, 30, 7)]
 
 
-def _triton(*args):
-    return sparse_attn.mixed_scale_dwconv(*args, backend="triton")
+_triton = on("triton")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,10 +50,9 @@ def test_float16_computes_in_float32():
     half = make_inputs((1, 6, 7, 9), torch.float16)
     single = [t.float() for t in half]
     grad = torch.randn(1, 6, 7, 9).half()
-    out, grads = forward_and_grads(_triton, half, grad)
-    out32, grads32 = forward_and_grads(_triton, single, grad.float())
-    assert torch.equal(out, out32.half())
-    for name, a, b in zip(NAMES, grads, grads32):
+    results = forward_and_grads(_triton, half, grad)
+    results32 = forward_and_grads(_triton, single, grad.float())
+    for name, a, b in zip(("out",) + NAMES, results, results32):
         assert torch.equal(a, b.half()), name
 
 
@@ -95,8 +90,7 @@ def test_gradients_are_deterministic_and_independent_of_the_grid(monkeypatch):
                             lambda *shape: {**blocks(*shape), "programs": programs})
         runs.append(forward_and_grads(_triton, inputs, grad))
     for run in runs:
-        assert torch.equal(run[0], first[0])
-        for name, a, b in zip(NAMES, run[1], first[1]):
+        for name, a, b in zip(("out",) + NAMES, run, first):
             assert torch.equal(a, b), f"{name} differs between runs"
 
 
@@ -106,9 +100,8 @@ def test_gradients_are_deterministic_and_independent_of_the_grid(monkeypatch):
 @requires_triton_cpu
 @pytest.mark.parametrize("bias", [True, False])
 def test_opcheck(bias):
-    inputs = [t.requires_grad_() if t is not None else None for t in make_inputs((2, 2, 3, 4), torch.float32, bias)]
-    ops = torch.ops.sparse_attn
-    opcheck_forward_and_backward(ops.mixed_scale_dwconv_triton_forward, ops.mixed_scale_dwconv_triton_backward, inputs)
+    checked = opcheck_every_custom_op(_triton, make_inputs((2, 2, 3, 4), torch.float32, bias))
+    assert len(checked) == 2, checked  # the forward and the backward op
 
 
 @requires_triton_cpu
@@ -116,19 +109,13 @@ def test_compiled_op_forward_and_backward_do_not_recompile_for_new_image_sizes()
     """fullgraph under aot_eager, which runs the op's fake and autograd registrations with
     symbolic sizes: one compilation serves every H x W. (In the interpreter the ops are opaque
     custom ops; on a GPU they are triton_ops whose kernels Inductor sees: the GPU test below.)"""
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(_triton, backend=counter, fullgraph=True, dynamic=True)
-    for height, width in ((9, 13), (12, 7), (5, 20)):
-        inputs = make_inputs((2, 6, height, width), torch.float32)
-        grad = torch.randn(2, 6, height, width)
-        want, got = forward_and_grads(_triton, inputs, grad), forward_and_grads(compiled, inputs, grad)
-        assert torch.equal(got[0], want[0])
-        for name, a, b in zip(NAMES, got[1], want[1]):
-            assert torch.equal(a, b), name
-    assert counter.frame_count == 1, f"compiled {counter.frame_count} times for 3 image sizes"
+    with compiled_once(_triton, backend="aot_eager") as compiled:
+        for height, width in ((9, 13), (12, 7), (5, 20)):
+            inputs = make_inputs((2, 6, height, width), torch.float32)
+            grad = torch.randn(2, 6, height, width)
+            want, got = forward_and_grads(_triton, inputs, grad), forward_and_grads(compiled, inputs, grad)
+            for name, a, b in zip(("out",) + NAMES, got, want):
+                assert torch.equal(a, b), name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,74 +146,3 @@ def test_use_backend_triton_runs_the_op_on_its_kernels(monkeypatch):
     torch.testing.assert_close(out, reference(*inputs), rtol=1e-5, atol=1e-5)
     with sparse_attn.use_backend("triton"), pytest.raises(backends.BackendUnavailable, match="float64"):
         sparse_attn.mixed_scale_dwconv(*make_inputs((1, 6, 5, 5), torch.float64))
-
-
-# ---------------------------------------------------------------------------------------------
-# GPU: the compiled kernels (skipped without a CUDA device, and under TRITON_INTERPRET=1)
-# ---------------------------------------------------------------------------------------------
-def require_gpu(backend, dtype=torch.float32):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device (none here)")
-    x, *params = make_inputs((1, 2, 4, 4), dtype, device="cuda")
-    reason = backends.explain(sparse_attn.mixed_scale_dwconv, x, *params).reasons[backend]
-    if reason is not None:
-        pytest.skip(f"{backend}: {reason}")
-    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("TRITON_INTERPRET=1: the compiled Triton kernels are not what would run")
-
-
-GPU_SHAPES = SHAPES + [(2, 254, 67, 130), (1, 510, 64, 64), (1, 38, 200, 3)]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_gpu_matches_reference(shape, bias, dtype):
-    require_gpu("triton", dtype)
-    assert_close_to_reference("triton", shape, dtype, bias, device="cuda")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(2, 254, 67, 130), (1, 6, 1, 7)], ids=lambda s: "x".join(map(str, s)))
-def test_gpu_matches_native_cuda(shape):
-    require_gpu("triton")
-    require_gpu("native")
-    inputs = make_inputs(shape, torch.float32, device="cuda")
-    grad = torch.randn(shape, device="cuda")
-    native = forward_and_grads(lambda *a: sparse_attn.mixed_scale_dwconv(*a, backend="native"), inputs, grad)
-    mine = forward_and_grads(_triton, inputs, grad)
-    for name, a, b in zip(("out",) + NAMES, [mine[0], *mine[1]], [native[0], *native[1]]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item(), msg=name)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gpu_is_deterministic(dtype):
-    require_gpu("triton", dtype)
-    inputs = make_inputs((2, 254, 67, 130), dtype, device="cuda")
-    grad = torch.randn(2, 254, 67, 130, device="cuda").to(dtype)
-    first, second = forward_and_grads(_triton, inputs, grad), forward_and_grads(_triton, inputs, grad)
-    assert torch.equal(first[0], second[0])
-    for name, a, b in zip(NAMES, first[1], second[1]):
-        assert torch.equal(a, b), f"{name} differs between runs"
-
-
-@pytest.mark.gpu
-def test_gpu_opcheck_and_inductor_without_recompiles():
-    require_gpu("triton")
-    inputs = [t.requires_grad_() for t in make_inputs((2, 6, 5, 7), torch.float32, device="cuda")]
-    torch.library.opcheck(torch.ops.sparse_attn.mixed_scale_dwconv_triton_forward.default, tuple(inputs))
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("inductor")
-    compiled = torch.compile(_triton, backend=counter, fullgraph=True, dynamic=True)
-    for height, width in ((9, 13), (12, 7), (50, 20)):
-        inputs = make_inputs((2, 6, height, width), torch.float32, device="cuda")
-        grad = torch.randn(2, 6, height, width, device="cuda")
-        want, got = forward_and_grads(_triton, inputs, grad), forward_and_grads(compiled, inputs, grad)
-        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
-        for name, a, b in zip(NAMES, got[1], want[1]):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
-    assert counter.frame_count == 1, f"compiled {counter.frame_count} times for 3 image sizes"

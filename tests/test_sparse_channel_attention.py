@@ -1,17 +1,19 @@
-"""sparse_channel_attention: every CPU backend against the float64 reference (DESIGN.md §1),
-the reference against the official DRSformer formula, autograd, torch.library and compile."""
+"""sparse_channel_attention on the reference and native CPU backends: native against the
+float64 reference (DESIGN.md §1), the reference against the official DRSformer formula, autograd,
+torch.library and compile, the modules against the official ones, backend selection and input
+checks. (Triton: test_sparse_channel_attention_triton.py; CUDA: ..._gpu.py.)"""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import sparse_attn
-from attention_cases import (GRAD_NAMES, assert_close_to_float64_reference, make_inputs, run,
-                             with_ties_and_zero_channels)
+from benchmarks.official import DRSformerAttention, RestormerAttention, drsformer_attention
+from helpers import compiled_once, forward_and_grads, opcheck_every_custom_op
 from sparse_attn import backends
 from sparse_attn.nn import ChannelAttention, TopKChannelAttention, drsformer_topk
-from sparse_attn.reference import drsformer_formula
 from sparse_attn.reference import sparse_channel_attention as reference
 from sparse_attn.reference.sparse_channel_attention import stable_descending_ranks
+from sparse_channel_attention_cases import (NAMES, assert_matches_reference, attention, make_inputs,
+                                            with_ties_and_zero_channels)
 
 CPU_BACKENDS = [b for b in ("native",) if b in backends.available("cpu")]
 
@@ -32,7 +34,7 @@ SHAPES = [  # (batch, heads, d, N): DRSformer's d = 48 and 96, a small odd d, N 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_matches_reference_drsformer_branches(backend, shape, dtype):
     inputs = make_inputs(*shape)
-    assert_close_to_float64_reference(backend, inputs, drsformer_topk(shape[2]), "softmax", dtype)
+    assert_matches_reference(backend, inputs, drsformer_topk(shape[2]), "softmax", dtype)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -40,7 +42,7 @@ def test_matches_reference_drsformer_branches(backend, shape, dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_matches_reference_relu2_and_mixed_branches(backend, activation, dtype):
     inputs = make_inputs(2, 2, 12, 500, branches=3)
-    assert_close_to_float64_reference(backend, inputs, (8, 8, 3), activation, dtype)
+    assert_matches_reference(backend, inputs, (8, 8, 3), activation, dtype)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -48,7 +50,7 @@ def test_matches_reference_relu2_and_mixed_branches(backend, activation, dtype):
 def test_non_contiguous_inputs(backend, layout):
     inputs = make_inputs(2, 2, 16, 300, layout=layout)
     assert not inputs[0].is_contiguous()
-    assert_close_to_float64_reference(backend, inputs, drsformer_topk(16), "softmax", torch.float64)
+    assert_matches_reference(backend, inputs, drsformer_topk(16), "softmax", torch.float64)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -56,8 +58,8 @@ def test_non_contiguous_inputs(backend, layout):
 def test_ties_and_zero_channel(backend, dtype):
     """Every backend must select the same entries in tied rows (lower index wins)."""
     inputs = with_ties_and_zero_channels(make_inputs(2, 1, 10, 200))
-    assert_close_to_float64_reference(backend, inputs, (5, 6, 7, 8), "softmax", dtype)
-    assert_close_to_float64_reference(backend, inputs, (5, 6, 7, 8), "relu2", dtype)
+    assert_matches_reference(backend, inputs, (5, 6, 7, 8), "softmax", dtype)
+    assert_matches_reference(backend, inputs, (5, 6, 7, 8), "relu2", dtype)
 
 
 def test_tie_rule_is_a_stable_descending_sort():
@@ -89,63 +91,52 @@ def test_reference_matches_official_drsformer_formula():
     is the official DRSformer computation, forward and every gradient."""
     inputs = make_inputs(2, 2, 48, 400)
     topk = drsformer_topk(48)
-    out, grads, g = run("reference", inputs, topk)
-    official = drsformer_formula(*inputs, topk)
-    official_grads = torch.autograd.grad(official, inputs, g)
-    torch.testing.assert_close(out, official.detach(), rtol=0, atol=1e-12)
-    for name, x, y in zip(GRAD_NAMES, grads, official_grads):
+    grad = torch.randn(2, 2, 48, 400, dtype=torch.float64)
+    out, *grads = forward_and_grads(attention("reference", topk), inputs, grad)
+    official, *official_grads = forward_and_grads(lambda *a: drsformer_attention(*a, topk), inputs, grad)
+    torch.testing.assert_close(out, official, rtol=0, atol=1e-12)
+    for name, x, y in zip(NAMES[1:], grads, official_grads):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12, msg=name)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_deterministic_across_runs_and_thread_counts(backend):
     inputs = make_inputs(1, 1, 48, 3 * 8192 + 5, dtype=torch.float32)
-    topk = drsformer_topk(48)
-    first = run(backend, inputs, topk)
+    call = attention(backend, drsformer_topk(48))
+    grad = torch.randn(1, 1, 48, 3 * 8192 + 5)
+    first = forward_and_grads(call, inputs, grad)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        single = run(backend, inputs, topk, grad_out=first[2])
+        single = forward_and_grads(call, inputs, grad)
     finally:
         torch.set_num_threads(threads)
-    again = run(backend, inputs, topk, grad_out=first[2])
-    for x, y, z in zip((first[0], *first[1]), (again[0], *again[1]), (single[0], *single[1])):
-        assert torch.equal(x, y) and torch.equal(x, z)
+    again = forward_and_grads(call, inputs, grad)
+    for name, x, y, z in zip(NAMES, first, again, single):
+        assert torch.equal(x, y) and torch.equal(x, z), name
 
 
 # ---------------------------------------------------------------------------------------------
 # torch.library and torch.compile
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.skipif("native" not in CPU_BACKENDS, reason="sparse_attn._C is not built")
-def test_opcheck_native():
-    q, k, v, temperature, weights = make_inputs(2, 2, 8, 37, dtype=torch.float32, branches=2)
-    args = (q, k, v, temperature.reshape(2), weights, [3, 8], [0, 1])
-    torch.library.opcheck(torch.ops.sparse_attn.sparse_channel_attention_forward.default, args)
-
-
-def _compile_counting_frames(fn):
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("inductor")
-    return torch.compile(fn, backend=counter, fullgraph=True, dynamic=True), counter
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_opcheck(backend):
+    inputs = make_inputs(2, 2, 8, 37, dtype=torch.float32, branches=2)
+    checked = opcheck_every_custom_op(attention(backend, (3, 8), ("softmax", "relu2")), inputs)
+    assert len(checked) == 2, checked  # the forward and the backward op
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_torch_compile_op_forward_backward_no_recompile_for_new_size(backend):
-    def attention(q, k, v, temperature, weights):
-        return sparse_attn.sparse_channel_attention(q, k, v, temperature, weights, (3, 5, 7, 8), backend=backend)
-
-    compiled, counter = _compile_counting_frames(attention)
-    for n in (99, 84, 80):
-        inputs = make_inputs(2, 2, 8, n, dtype=torch.float32)
-        out, grads, g = run(backend, inputs, (3, 5, 7, 8))
-        out_c = compiled(*inputs)
-        grads_c = torch.autograd.grad(out_c, inputs, g)
-        torch.testing.assert_close(out_c, out, rtol=1e-5, atol=1e-6)
-        for x, y in zip(grads_c, grads):
-            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
-    assert counter.frame_count == 1, f"compiled {counter.frame_count} times for 3 sizes"
+    call = attention(backend, (3, 5, 7, 8))
+    with compiled_once(call) as compiled:
+        for n in (99, 84, 80):
+            inputs = make_inputs(2, 2, 8, n, dtype=torch.float32)
+            grad = torch.randn(2, 2, 8, n)
+            want, got = forward_and_grads(call, inputs, grad), forward_and_grads(compiled, inputs, grad)
+            torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+            for name, x, y in zip(NAMES[1:], got[1:], want[1:]):
+                torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -159,12 +150,10 @@ def test_torch_compile_module(backend, request):
     layout.__enter__()
     request.addfinalizer(lambda: layout.__exit__(None, None, None))
     module = TopKChannelAttention(16, 2, bias=False, backend=backend)
-    compiled, counter = _compile_counting_frames(module)
-    with torch.no_grad():
+    with compiled_once(module) as compiled, torch.no_grad():
         for h, w in [(9, 11), (12, 7), (5, 16)]:
             x = torch.randn(2, 16, h, w)
             torch.testing.assert_close(compiled(x), module(x), rtol=1e-5, atol=1e-6)
-    assert counter.frame_count == 1, f"compiled {counter.frame_count} times for 3 image sizes"
     x = torch.randn(2, 16, 6, 7, requires_grad=True)
     (grad_compiled,) = torch.autograd.grad(compiled(x).square().sum(), x)
     (grad_eager,) = torch.autograd.grad(module(x).square().sum(), x)
@@ -174,55 +163,17 @@ def test_torch_compile_module(backend, request):
 # ---------------------------------------------------------------------------------------------
 # Modules: official state_dicts load and give the official outputs
 # ---------------------------------------------------------------------------------------------
-class OfficialDRSformerAttention(torch.nn.Module):
-    """DRSformer's `Attention`, structure and names as in the official code (einops replaced by
-    reshape): the model our module must reproduce."""
-
-    def __init__(self, dim, num_heads, bias):
-        super().__init__()
-        self.num_heads = num_heads
-        self.temperature = torch.nn.Parameter(torch.ones(num_heads, 1, 1))
-        self.qkv = torch.nn.Conv2d(dim, dim * 3, kernel_size=1, bias=bias)
-        self.qkv_dwconv = torch.nn.Conv2d(dim * 3, dim * 3, kernel_size=3, stride=1, padding=1, groups=dim * 3, bias=bias)
-        self.project_out = torch.nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
-        for i in range(1, 5):
-            setattr(self, f"attn{i}", torch.nn.Parameter(torch.tensor([0.2])))
-
-    def forward(self, x):
-        b, c, h, w = x.shape
-        q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
-        q, k, v = (t.reshape(b, self.num_heads, c // self.num_heads, h * w) for t in (q, k, v))
-        weights = torch.cat([self.attn1, self.attn2, self.attn3, self.attn4])
-        out = drsformer_formula(q, k, v, self.temperature, weights, drsformer_topk(c // self.num_heads))
-        return self.project_out(out.reshape(b, c, h, w))
-
-
-class OfficialRestormerAttention(OfficialDRSformerAttention):
-    """Restormer's MDTA: one dense softmax."""
-
-    def forward(self, x):
-        b, c, h, w = x.shape
-        q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
-        q, k, v = (t.reshape(b, self.num_heads, c // self.num_heads, h * w) for t in (q, k, v))
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        attn = ((q @ k.transpose(-2, -1)) * self.temperature).softmax(dim=-1)
-        return self.project_out((attn @ v).reshape(b, c, h, w))
-
-
 @pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
-@pytest.mark.parametrize("ours, official", [(TopKChannelAttention, OfficialDRSformerAttention),
-                                            (ChannelAttention, OfficialRestormerAttention)])
+@pytest.mark.parametrize("ours, official", [(TopKChannelAttention, DRSformerAttention),
+                                            (ChannelAttention, RestormerAttention)])
 def test_module_loads_official_state_dict(backend, ours, official):
     dim, heads = 96, 2
     reference_module = official(dim, heads, bias=True).double()
     with torch.no_grad():  # move every parameter off its initial value
         for p in reference_module.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    state = reference_module.state_dict()
-    if ours is ChannelAttention:
-        state = {k: v for k, v in state.items() if not k.startswith("attn")}
     module = ours(dim, heads, bias=True, backend=backend).double()
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(reference_module.state_dict(), strict=True)
     x = torch.randn(2, dim, 13, 11, dtype=torch.float64)
     torch.testing.assert_close(module(x), reference_module(x), rtol=0, atol=1e-12)
 

@@ -6,22 +6,20 @@ import os
 import pytest
 import torch
 
-import sparse_attn
-from attention_cases import assert_close_to_float64_reference, make_inputs, run, with_ties_and_zero_channels
-from sparse_attn import backends
+from helpers import compiled_once, forward_and_grads, opcheck_every_custom_op, requires_cuda
 from sparse_attn.nn import drsformer_topk
+from sparse_channel_attention_cases import (NAMES, assert_matches_reference, attention, make_inputs, why_unavailable,
+                                            with_ties_and_zero_channels)
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
+pytestmark = [requires_cuda, pytest.mark.gpu]
 GPU_BACKENDS = ("triton", "native")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def require(backend, dtype=torch.float32):
-    q = torch.zeros(1, 1, 4, 8, device="cuda", dtype=dtype)
-    reason = backends.explain(sparse_attn.sparse_channel_attention, q, q, q, q.new_ones(1), q.new_ones(1),
-                              (4,)).reasons[backend]
+    reason = why_unavailable(backend, dtype, device="cuda")
     if reason is not None:
-        pytest.skip(f"{backend}: {reason}")
+        pytest.skip(reason)
     if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1: the compiled Triton kernels are not what would run")
 
@@ -38,7 +36,7 @@ def require(backend, dtype=torch.float32):
 def test_matches_reference_drsformer_branches(backend, dtype, shape):
     require(backend, dtype)
     inputs = make_inputs(*shape, device="cuda")
-    assert_close_to_float64_reference(backend, inputs, drsformer_topk(shape[2]), "softmax", dtype)
+    assert_matches_reference(backend, inputs, drsformer_topk(shape[2]), "softmax", dtype)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -47,7 +45,7 @@ def test_matches_reference_drsformer_branches(backend, dtype, shape):
 def test_matches_reference_relu2_and_mixed_branches(backend, dtype, activation):
     require(backend, dtype)
     inputs = make_inputs(2, 2, 12, 500, branches=3, device="cuda")
-    assert_close_to_float64_reference(backend, inputs, (8, 8, 3), activation, dtype)
+    assert_matches_reference(backend, inputs, (8, 8, 3), activation, dtype)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -56,7 +54,7 @@ def test_non_contiguous_inputs(backend, layout):
     require(backend, torch.float32)
     inputs = make_inputs(2, 2, 16, 300, layout=layout, device="cuda")
     assert not inputs[0].is_contiguous()
-    assert_close_to_float64_reference(backend, inputs, drsformer_topk(16), "softmax", torch.float32)
+    assert_matches_reference(backend, inputs, drsformer_topk(16), "softmax", torch.float32)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -64,7 +62,7 @@ def test_non_contiguous_inputs(backend, layout):
 def test_ties_and_zero_channels(backend, activation):
     require(backend, torch.float32)
     inputs = with_ties_and_zero_channels(make_inputs(2, 1, 10, 200, device="cuda"))
-    assert_close_to_float64_reference(backend, inputs, (5, 6, 7, 8), activation, torch.float32)
+    assert_matches_reference(backend, inputs, (5, 6, 7, 8), activation, torch.float32)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -72,38 +70,29 @@ def test_ties_and_zero_channels(backend, activation):
 def test_forward_and_backward_are_bitwise_deterministic(backend, dtype):
     require(backend, dtype)
     inputs = make_inputs(2, 2, 48, 3 * 8192 + 5, dtype=dtype, device="cuda")
-    topk = drsformer_topk(48)
-    first = run(backend, inputs, topk)
-    again = run(backend, inputs, topk, grad_out=first[2])
-    for x, y in zip((first[0], *first[1]), (again[0], *again[1])):
-        assert torch.equal(x, y)
-
-
-def _op_args(dtype):
-    q, k, v, temperature, weights = make_inputs(2, 2, 16, 77, dtype=dtype, branches=2, device="cuda")
-    return (q, k, v, temperature.reshape(2), weights, [3, 16], [0, 1])
-
-
-@pytest.mark.parametrize("op, backend", [("sparse_channel_attention_forward", "native"),
-                                         ("sparse_channel_attention_triton_forward", "triton")])
-def test_opcheck(op, backend):
-    require(backend, torch.float32)
-    torch.library.opcheck(getattr(torch.ops.sparse_attn, op).default, _op_args(torch.float32))
+    call = attention(backend, drsformer_topk(48))
+    grad = torch.randn(2, 2, 48, 3 * 8192 + 5, device="cuda", dtype=dtype)
+    first, again = forward_and_grads(call, inputs, grad), forward_and_grads(call, inputs, grad)
+    for name, x, y in zip(NAMES, first, again):
+        assert torch.equal(x, y), name
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_torch_compile_fullgraph(backend):
+def test_opcheck(backend):
     require(backend, torch.float32)
-    torch._dynamo.reset()
-    q, k, v, temperature, weights, topk, activation = _op_args(torch.float32)
+    inputs = make_inputs(2, 2, 16, 77, dtype=torch.float32, branches=2, device="cuda")
+    checked = opcheck_every_custom_op(attention(backend, (3, 16), ("softmax", "relu2")), inputs)
+    assert len(checked) == 2, checked  # the forward and the backward op
 
-    def f(q, k, v):
-        return sparse_attn.sparse_channel_attention(q, k, v, temperature, weights, topk, "softmax", backend=backend)
 
-    compiled = torch.compile(f, fullgraph=True)
-    out = compiled(q, k, v)
-    torch.testing.assert_close(out, f(q, k, v), rtol=1e-5, atol=1e-6)
-    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
-    expected = torch.autograd.grad(f(q, k, v).square().sum(), (q, k, v))
-    for x, y in zip(grads, expected):
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_torch_compile_fullgraph_without_recompiles(backend):
+    require(backend, torch.float32)
+    call = attention(backend, (3, 16), ("softmax", "relu2"))
+    with compiled_once(call) as compiled:
+        for n in (77, 100, 61):
+            inputs = make_inputs(2, 2, 16, n, dtype=torch.float32, branches=2, device="cuda")
+            grad = torch.randn(2, 2, 16, n, device="cuda")
+            want, got = forward_and_grads(call, inputs, grad), forward_and_grads(compiled, inputs, grad)
+            for name, x, y in zip(NAMES, got, want):
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)

@@ -5,12 +5,14 @@ import pytest
 import torch
 
 import sparse_attn
-from attention_cases import assert_close_to_float64_reference, make_inputs, run, with_ties_and_zero_channels
+from helpers import compiled_once, forward_and_grads, opcheck_every_custom_op
 from sparse_attn import backends
 from sparse_attn.nn import drsformer_topk
+from sparse_channel_attention_cases import (NAMES, assert_matches_reference, attention, make_inputs, why_unavailable,
+                                            with_ties_and_zero_channels)
 
-pytestmark = pytest.mark.skipif("triton" not in backends.available("cpu"),
-                                reason=backends.why_unavailable("triton", "cpu") or "")
+TRITON_CPU = why_unavailable("triton")
+pytestmark = pytest.mark.skipif(TRITON_CPU is not None, reason=str(TRITON_CPU))
 
 
 @pytest.mark.parametrize("shape", [
@@ -19,27 +21,26 @@ pytestmark = pytest.mark.skipif("triton" not in backends.available("cpu"),
     (3, 1, 7, 61),    # small odd d padded to 16
 ], ids=lambda s: "x".join(map(str, s)))
 def test_matches_reference_drsformer_branches(shape):
-    assert_close_to_float64_reference("triton", make_inputs(*shape), drsformer_topk(shape[2]), "softmax",
-                                      torch.float32)
+    assert_matches_reference("triton", make_inputs(*shape), drsformer_topk(shape[2]), "softmax", torch.float32)
 
 
 @pytest.mark.parametrize("activation", ["relu2", ("softmax", "relu2", "relu2")])
 def test_matches_reference_relu2_and_mixed_branches(activation):
     inputs = make_inputs(2, 2, 12, 50, branches=3)
-    assert_close_to_float64_reference("triton", inputs, (8, 8, 3), activation, torch.float32)
+    assert_matches_reference("triton", inputs, (8, 8, 3), activation, torch.float32)
 
 
 @pytest.mark.parametrize("layout", ["transposed", "chunked"])
 def test_non_contiguous_inputs(layout):
     inputs = make_inputs(2, 2, 16, 40, layout=layout)
     assert not inputs[0].is_contiguous()
-    assert_close_to_float64_reference("triton", inputs, drsformer_topk(16), "softmax", torch.float32)
+    assert_matches_reference("triton", inputs, drsformer_topk(16), "softmax", torch.float32)
 
 
 @pytest.mark.parametrize("activation", ["softmax", ("relu2", "softmax", "relu2", "softmax")])
 def test_ties_and_zero_channels(activation):
     inputs = with_ties_and_zero_channels(make_inputs(2, 1, 10, 45))
-    assert_close_to_float64_reference("triton", inputs, (5, 6, 7, 8), activation, torch.float32)
+    assert_matches_reference("triton", inputs, (5, 6, 7, 8), activation, torch.float32)
 
 
 def test_tie_rule_keeps_the_lower_column_index():
@@ -52,15 +53,35 @@ def test_tie_rule_keeps_the_lower_column_index():
 
 def test_float16_within_the_float16_reference_error():
     inputs = make_inputs(1, 2, 16, 40, branches=2)
-    assert_close_to_float64_reference("triton", inputs, (8, 12), ("softmax", "relu2"), torch.float16)
+    assert_matches_reference("triton", inputs, (8, 12), ("softmax", "relu2"), torch.float16)
 
 
 def test_backward_is_deterministic():
     inputs = make_inputs(1, 1, 20, 150, dtype=torch.float32)
-    first = run("triton", inputs, drsformer_topk(20))
-    again = run("triton", inputs, drsformer_topk(20), grad_out=first[2])
-    for x, y in zip((first[0], *first[1]), (again[0], *again[1])):
-        assert torch.equal(x, y)
+    call, grad = attention("triton", drsformer_topk(20)), torch.randn(1, 1, 20, 150)
+    first, again = forward_and_grads(call, inputs, grad), forward_and_grads(call, inputs, grad)
+    for name, x, y in zip(NAMES, first, again):
+        assert torch.equal(x, y), name
+
+
+def test_opcheck():
+    inputs = make_inputs(2, 2, 8, 37, dtype=torch.float32, branches=2)
+    checked = opcheck_every_custom_op(attention("triton", (3, 8), ("softmax", "relu2")), inputs)
+    assert len(checked) == 2, checked  # the forward and the backward op
+
+
+def test_compile_without_recompiles():
+    """fullgraph under aot_eager, which runs the op's fake and autograd registrations with
+    symbolic sizes (in the interpreter the op is an opaque custom op): one compilation for
+    every N, forward and gradients equal to eager."""
+    call = attention("triton", (3, 4), ("softmax", "relu2"))
+    with compiled_once(call, backend="aot_eager") as compiled:
+        for n in (20, 33, 7):
+            inputs = make_inputs(2, 1, 8, n, dtype=torch.float32, branches=2)
+            grad = torch.randn(2, 1, 8, n)
+            want, got = forward_and_grads(call, inputs, grad), forward_and_grads(compiled, inputs, grad)
+            for name, x, y in zip(NAMES, got, want):
+                assert torch.equal(x, y), name
 
 
 def test_unsupported_inputs_say_why():

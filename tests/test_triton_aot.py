@@ -86,6 +86,8 @@ def test_every_kernel_module_lists_configurations():
     modules = kernel_modules()
     assert "sparse_attn.kernels.sparse_channel_attention" in modules
     assert "sparse_attn.kernels.mixed_scale_dwconv" in modules
+    assert "sparse_attn.kernels.layer_norm2d" in modules
+    assert "sparse_attn.kernels.gated_dwconv" in modules
     assert CASES
 
 

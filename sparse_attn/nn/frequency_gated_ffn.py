@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..ops import gated_dwconv
 from .input_checks import check_feature_map
 
 GATES = ("gelu", "relu2")
@@ -58,9 +59,12 @@ class FrequencyGatedFFN(nn.Module):
         recompute_spectrum: when gradients are recorded, save only the filter's input and redo
             the forward FFT in backward (activation checkpointing of the filter) instead of
             keeping the complex spectrum: less memory for one more FFT per backward.
+        backend: the backend of the fused depthwise convolution and gate,
+            :func:`sparse_attn.gated_dwconv` ("auto" follows ``use_backend``).
     """
 
-    def __init__(self, dim, ffn_expansion_factor, bias, gate="gelu", patch_size=8, recompute_spectrum=True):
+    def __init__(self, dim, ffn_expansion_factor, bias, gate="gelu", patch_size=8, recompute_spectrum=True,
+                 backend="auto"):
         super().__init__()
         if gate not in GATES:
             raise ValueError(f"gate: expected one of {GATES}, got {gate!r}")
@@ -68,7 +72,7 @@ class FrequencyGatedFFN(nn.Module):
             raise ValueError(f"patch_size: expected a positive integer, got {patch_size!r}")
         hidden = int(dim * ffn_expansion_factor)
         self.dim, self.hidden_features, self.gate, self.patch_size = dim, hidden, gate, patch_size
-        self.recompute_spectrum = recompute_spectrum
+        self.recompute_spectrum, self.backend = recompute_spectrum, backend
         self.project_in = nn.Conv2d(dim, hidden * 2, kernel_size=1, bias=bias)
         self.fft = nn.Parameter(torch.ones(hidden * 2, 1, 1, patch_size, patch_size // 2 + 1))
         self.dwconv = nn.Conv2d(hidden * 2, hidden * 2, kernel_size=3, stride=1, padding=1,
@@ -83,9 +87,9 @@ class FrequencyGatedFFN(nn.Module):
             x = checkpoint(patch_spectral_filter, x, self.fft, self.patch_size, use_reentrant=False)
         else:
             x = patch_spectral_filter(x, self.fft, self.patch_size)
-        x1, x2 = self.dwconv(x).chunk(2, dim=1)
-        gated = F.gelu(x1) if self.gate == "gelu" else torch.relu(x1).square()
-        return self.project_out(gated * x2)
+        if x.shape[0] == 0:  # the op takes no empty tensor; an empty batch has h channels here
+            return self.project_out(x[:, :self.hidden_features])
+        return self.project_out(gated_dwconv(x, self.dwconv.weight, self.dwconv.bias, self.gate, backend=self.backend))
 
     def extra_repr(self):
         return f"dim={self.dim}, hidden_features={self.hidden_features}, gate={self.gate!r}"

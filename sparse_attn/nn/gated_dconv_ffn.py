@@ -1,7 +1,7 @@
 """Restormer's gated-Dconv feed-forward network with the official parameter names."""
-import torch.nn.functional as F
 from torch import nn
 
+from ..ops import gated_dwconv
 from .input_checks import check_feature_map
 
 
@@ -9,13 +9,15 @@ class GatedDconvFFN(nn.Module):
     """Restormer's GDFN (the official ``FeedForward`` of restormer_arch.py).
 
     project_in (1x1, dim -> 2h) -> depthwise 3x3 -> split into x1, x2 -> gelu(x1) * x2 ->
-    project_out (1x1, h -> dim), with h = int(dim * ffn_expansion_factor).
+    project_out (1x1, h -> dim), with h = int(dim * ffn_expansion_factor). The 1x1 projections
+    are plain convolutions; the depthwise convolution and the gate are the fused
+    :func:`sparse_attn.gated_dwconv` on ``backend`` ("auto" follows ``use_backend``).
     """
 
-    def __init__(self, dim, ffn_expansion_factor, bias):
+    def __init__(self, dim, ffn_expansion_factor, bias, backend="auto"):
         super().__init__()
         hidden = int(dim * ffn_expansion_factor)
-        self.dim, self.hidden_features = dim, hidden
+        self.dim, self.hidden_features, self.backend = dim, hidden, backend
         self.project_in = nn.Conv2d(dim, hidden * 2, kernel_size=1, bias=bias)
         self.dwconv = nn.Conv2d(hidden * 2, hidden * 2, kernel_size=3, stride=1, padding=1,
                                 groups=hidden * 2, bias=bias)
@@ -24,5 +26,8 @@ class GatedDconvFFN(nn.Module):
     def forward(self, x):
         """(B, dim, H, W) -> (B, dim, H, W)."""
         check_feature_map(self, x, self.dim)
-        x1, x2 = self.dwconv(self.project_in(x)).chunk(2, dim=1)
-        return self.project_out(F.gelu(x1) * x2)
+        hidden = self.project_in(x)
+        if x.shape[0] == 0:  # the op takes no empty tensor; an empty batch has h channels here
+            return self.project_out(hidden[:, :self.hidden_features])
+        return self.project_out(gated_dwconv(hidden, self.dwconv.weight, self.dwconv.bias, "gelu",
+                                             backend=self.backend))

@@ -1,5 +1,7 @@
 """Pure-PyTorch references of every op: the ground truth of the tests and the fallback backend."""
+from .gated_dwconv import gated_dwconv
+from .layer_norm2d import layer_norm2d
 from .mixed_scale_dwconv import mixed_scale_dwconv
-from .sparse_channel_attention import drsformer_formula, sparse_channel_attention
+from .sparse_channel_attention import sparse_channel_attention
 
-__all__ = ["sparse_channel_attention", "drsformer_formula", "mixed_scale_dwconv"]
+__all__ = ["sparse_channel_attention", "mixed_scale_dwconv", "layer_norm2d", "gated_dwconv"]

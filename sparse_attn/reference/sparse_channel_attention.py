@@ -1,8 +1,8 @@
 """Pure-PyTorch reference of the top-k channel attention (DESIGN.md §1): the ground truth.
 
-Written for clarity, not speed; autograd differentiates it. ``drsformer_formula`` is the
-official DRSformer computation (topk + scatter + one masked softmax and one ``attn @ v`` per
-branch), kept for tests and benchmarks.
+Written for clarity, not speed; autograd differentiates it. (The official DRSformer formula,
+which leaves ties to ``torch.topk``, is a baseline of the tests and benchmarks:
+``benchmarks/official.py``.)
 """
 import torch
 import torch.nn.functional as F
@@ -34,20 +34,3 @@ def sparse_channel_attention(q, k, v, temperature, weights, topk, activation):
             phi = torch.relu(scores).square() * kept
         p = p + weights[r] * phi
     return p @ v
-
-
-def drsformer_formula(q, k, v, temperature, weights, topk):
-    """The official DRSformer ``Attention`` computation between the qkv split and project_out,
-    for any number of branches. ``torch.topk`` breaks ties in an unspecified way, so it agrees
-    with :func:`sparse_channel_attention` only on tie-free inputs."""
-    b, heads, d, _ = q.shape
-    q = F.normalize(q, dim=-1)
-    k = F.normalize(k, dim=-1)
-    attn = (q @ k.transpose(-2, -1)) * temperature.reshape(-1, 1, 1)
-    out = 0
-    for r, kept_count in enumerate(topk):
-        mask = torch.zeros(b, heads, d, d, device=q.device, dtype=q.dtype)
-        mask.scatter_(-1, torch.topk(attn, k=kept_count, dim=-1, largest=True)[1], 1.0)
-        branch = torch.where(mask > 0, attn, torch.full_like(attn, float("-inf"))).softmax(dim=-1)
-        out = out + (branch @ v) * weights[r]
-    return out

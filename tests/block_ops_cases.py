@@ -1,0 +1,102 @@
+"""Inputs and comparisons shared by the tests of the per-block ops layer_norm2d and gated_dwconv
+(DESIGN.md §5) on every backend: the backend in some dtype against the float64 reference, its
+error bounded by the reference's own error in that dtype (as flash-attention's tests do)."""
+import torch
+
+import sparse_attn
+from mixed_scale_dwconv_cases import as_dtype, forward_and_grads
+from sparse_attn.reference import gated_dwconv as reference_gated_dwconv
+from sparse_attn.reference import layer_norm2d as reference_layer_norm2d
+from sparse_attn.reference.gated_dwconv import ACTIVATIONS
+
+LAYER_NORM_NAMES = ("x", "weight", "bias")
+GATED_NAMES = ("x", "weight", "bias", "activation_weight")
+
+# (B, C, H, W). The CPU kernels walk blocks of 64 pixels in tasks of 2048, the CUDA and Triton
+# ones blocks of 128: one pixel, fewer pixels than a block, several ragged blocks and tasks, an
+# odd C and Restormer's level-1 width 48 and level-4 width 384.
+LAYER_NORM_SHAPES = [(2, 5, 3, 7), (1, 48, 9, 13), (1, 3, 1, 1), (2, 384, 4, 5), (1, 7, 50, 47)]
+
+# (B, 2h, H, W). The CPU tiles are 32 x 128 pixels, the CUDA ones 16 x 32: several tiles with
+# ragged edges, images thinner than the 3x3 kernel, an odd h and Restormer's level-1 width
+# 2h = 2·int(48·2.66) = 254.
+GATED_SHAPES = [(2, 6, 5, 9), (1, 254, 9, 7), (2, 6, 1, 7), (1, 6, 7, 1), (1, 2, 1, 1), (2, 6, 37, 133)]
+
+
+def _generator(shape):
+    return torch.Generator().manual_seed(sum(s * 31 ** i for i, s in enumerate(shape)))
+
+
+def layer_norm_inputs(shape, dtype, bias=True, device="cpu"):
+    """x (off-centre, so that WithBias and BiasFree differ), weight and bias (or None)."""
+    g = _generator(shape)
+    channels = shape[1]
+
+    def rand(*s, scale=1.0, shift=0.0):
+        return (torch.randn(*s, generator=g, dtype=torch.float64) * scale + shift).to(device=device, dtype=dtype)
+
+    return [rand(*shape, scale=2.0, shift=0.5), rand(channels, scale=0.5, shift=1.0),
+            rand(channels, scale=0.3) if bias else None]
+
+
+def gated_inputs(shape, dtype, bias=True, activation="gelu", device="cpu"):
+    """x, weight, bias (or None) and prelu's slope (None for the other activations), scaled like
+    trained weights so that the gate's nonlinearity matters."""
+    g = _generator(shape)
+    channels = shape[1]
+
+    def rand(*s, scale=1.0):
+        return (torch.randn(*s, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+    slope = torch.tensor([0.25], dtype=dtype, device=device) if activation == "prelu" else None
+    return [rand(*shape), rand(channels, 1, 3, 3, scale=0.4), rand(channels, scale=0.2) if bias else None, slope]
+
+
+def layer_norm_fn(backend):
+    return lambda x, w, b: sparse_attn.layer_norm2d(x, w, b, backend=backend)
+
+
+def gated_fn(backend, activation):
+    return lambda x, w, b, a: sparse_attn.gated_dwconv(x, w, b, activation, a, backend=backend)
+
+
+def _reference_gated(activation):
+    return lambda x, w, b, a: reference_gated_dwconv(x, w, b, activation, a)
+
+
+def assert_close(fn, reference, inputs64, grad64, dtype, names):
+    """fn's output and gradients in `dtype` against the float64 reference: in float64 to
+    rounding, otherwise at most 2x the reference's own error in `dtype` (plus a rounding floor)."""
+    truth = forward_and_grads(reference, inputs64, grad64)
+    got = forward_and_grads(fn, as_dtype(inputs64, dtype), grad64.to(dtype))
+    if dtype == torch.float64:
+        baseline = [torch.zeros(())] * (len(names) + 1)
+    else:
+        low = forward_and_grads(reference, as_dtype(inputs64, dtype), grad64.to(dtype))
+        baseline = [(a.double() - b).abs().max() if b is not None else None
+                    for a, b in zip([low[0], *low[1]], [truth[0], *truth[1]])]
+    eps = torch.finfo(dtype).eps
+    for name, mine, ref, ref_error in zip(("out",) + names, [got[0], *got[1]], [truth[0], *truth[1]], baseline):
+        if ref is None:
+            assert mine is None, f"{name}: expected no gradient for a missing input"
+            continue
+        assert mine.dtype == dtype and mine.shape == ref.shape, name
+        error = (mine.double() - ref).abs().max().item()
+        # Rounding floor: parameter gradients sum up to ~10^4 pixels, in another order than the
+        # reference's reduction (~√n·eps of the total).
+        floor = (64 if name in ("weight", "bias", "activation_weight") else 8) * eps * max(ref.abs().max().item(), 1.0)
+        assert error <= 2 * ref_error.item() + floor, (
+            f"{name}: error {error:.3g} vs the {dtype} reference's {ref_error.item():.3g} (floor {floor:.3g})")
+
+
+def assert_layer_norm_close(backend, shape, dtype, bias, device="cpu"):
+    inputs64 = layer_norm_inputs(shape, torch.float64, bias, device)
+    grad64 = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).to(device)
+    assert_close(layer_norm_fn(backend), reference_layer_norm2d, inputs64, grad64, dtype, LAYER_NORM_NAMES)
+
+
+def assert_gated_close(backend, shape, dtype, bias, activation, device="cpu"):
+    inputs64 = gated_inputs(shape, torch.float64, bias, activation, device)
+    out_shape = (shape[0], shape[1] // 2, shape[2], shape[3])
+    grad64 = torch.randn(out_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).to(device)
+    assert_close(gated_fn(backend, activation), _reference_gated(activation), inputs64, grad64, dtype, GATED_NAMES)
