@@ -29,5 +29,7 @@ class GatedDconvFFN(nn.Module):
         hidden = self.project_in(x)
         if x.shape[0] == 0:  # the op takes no empty tensor; an empty batch has h channels here
             return self.project_out(hidden[:, :self.hidden_features])
-        return self.project_out(gated_dwconv(hidden, self.dwconv.weight, self.dwconv.bias, "gelu",
+        # Under autocast the parameters follow hidden's dtype: custom ops' arguments are not cast.
+        bias = None if self.dwconv.bias is None else self.dwconv.bias.to(hidden.dtype)
+        return self.project_out(gated_dwconv(hidden, self.dwconv.weight.to(hidden.dtype), bias, "gelu",
                                              backend=self.backend))
