@@ -5,11 +5,11 @@
   the figure is device-independent and exact.
 - Peak memory on CUDA: ``torch.cuda.max_memory_allocated`` around the step, in this process.
 - Peak memory on CPU: there is no allocator statistic, so each case runs in a fresh subprocess
-  (``python -m benchmarks.memory_child``, which rebuilds the case from its group and spec) that reads its own peak RSS around the step, minus its RSS
-  just before. Linux lets the child reset its peak (``/proc/self/clear_refs``) after a warm-up
-  step, and glibc is told to map every large buffer separately so that freed memory is
-  returned and reused memory is seen; elsewhere the child falls back to ``ru_maxrss`` without
-  the reset.
+  (``python -m benchmarks.memory_child``, which rebuilds the case from its group and spec) that
+  reads its own peak RSS around the step, minus its RSS just before. Linux lets the child reset
+  its peak (``/proc/self/clear_refs``) after a warm-up step, and glibc is told to map every large
+  buffer separately so that freed memory is returned and reused memory is seen; elsewhere the
+  child falls back to ``ru_maxrss`` without the reset.
 """
 import gc
 import json

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..ops.sparse_channel_attention import sparse_channel_attention
-from .input_checks import check_feature_map
+from .input_checks import autocast_parameters, check_feature_map
 
 
 def drsformer_topk(channels):
@@ -44,8 +44,7 @@ class ChannelAttentionBase(nn.Module):
 
     def attend(self, q, k, v):
         """The attention of q, k, v, each (B, heads, d, H·W) with B >= 1; returns (B, heads, d, H·W).
-        Parameters passed to the op are cast to q's dtype: under autocast q comes in the autocast
-        dtype, the parameters stay float32, and autocast does not cast custom ops' arguments."""
+        Parameters reach the op in q's dtype (:func:`autocast_parameters`)."""
         raise NotImplementedError(f"{type(self).__name__} must implement attend(q, k, v)")
 
     def forward(self, x):
@@ -79,8 +78,9 @@ class TopKChannelAttention(ChannelAttentionBase):
         self.attn4 = nn.Parameter(torch.tensor([0.2]))
 
     def attend(self, q, k, v):
-        weights = torch.cat([self.attn1, self.attn2, self.attn3, self.attn4]).to(q.dtype)
-        return sparse_channel_attention(q, k, v, self.temperature.to(q.dtype), weights, drsformer_topk(q.shape[2]),
+        temperature, weights = autocast_parameters(q, self.temperature,
+                                                   torch.cat([self.attn1, self.attn2, self.attn3, self.attn4]))
+        return sparse_channel_attention(q, k, v, temperature, weights, drsformer_topk(q.shape[2]),
                                         "softmax", backend=self.backend)
 
 
@@ -90,5 +90,6 @@ class ChannelAttention(ChannelAttentionBase):
 
     def attend(self, q, k, v):
         weights = torch.ones(1, dtype=q.dtype, device=q.device)
-        return sparse_channel_attention(q, k, v, self.temperature.to(q.dtype), weights, (q.shape[2],), "softmax",
+        temperature, = autocast_parameters(q, self.temperature)
+        return sparse_channel_attention(q, k, v, temperature, weights, (q.shape[2],), "softmax",
                                         backend=self.backend)

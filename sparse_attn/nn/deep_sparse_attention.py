@@ -19,6 +19,7 @@ from torch import nn
 
 from ..ops.sparse_channel_attention import sparse_channel_attention
 from .attention import ChannelAttentionBase
+from .input_checks import autocast_parameters
 
 
 class DeepSparseAttention(ChannelAttentionBase):
@@ -44,8 +45,8 @@ class DeepSparseAttention(ChannelAttentionBase):
         self.branch_logits = nn.Parameter(torch.zeros(2))
 
     def attend(self, q, k, v):
-        weights = torch.softmax(self.branch_logits, dim=0).to(q.dtype)
-        return sparse_channel_attention(q, k, v, self.temperature.to(q.dtype), weights, (self.topk, self.topk),
+        temperature, weights = autocast_parameters(q, self.temperature, torch.softmax(self.branch_logits, dim=0))
+        return sparse_channel_attention(q, k, v, temperature, weights, (self.topk, self.topk),
                                         ("softmax", "relu2"), backend=self.backend)
 
     def extra_repr(self):

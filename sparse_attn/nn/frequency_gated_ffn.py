@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..ops import gated_dwconv
-from .input_checks import check_feature_map
+from .input_checks import autocast_parameters, check_feature_map
 
 GATES = ("gelu", "relu2")
 
@@ -89,9 +89,8 @@ class FrequencyGatedFFN(nn.Module):
             x = patch_spectral_filter(x, self.fft, self.patch_size)
         if x.shape[0] == 0:  # the op takes no empty tensor; an empty batch has h channels here
             return self.project_out(x[:, :self.hidden_features])
-        # Under autocast the parameters follow x's dtype: custom ops' arguments are not cast.
-        bias = None if self.dwconv.bias is None else self.dwconv.bias.to(x.dtype)
-        return self.project_out(gated_dwconv(x, self.dwconv.weight.to(x.dtype), bias, self.gate, backend=self.backend))
+        weight, bias = autocast_parameters(x, self.dwconv.weight, self.dwconv.bias)
+        return self.project_out(gated_dwconv(x, weight, bias, self.gate, backend=self.backend))
 
     def extra_repr(self):
         return f"dim={self.dim}, hidden_features={self.hidden_features}, gate={self.gate!r}"

@@ -2,7 +2,7 @@
 from torch import nn
 
 from ..ops import gated_dwconv
-from .input_checks import check_feature_map
+from .input_checks import autocast_parameters, check_feature_map
 
 
 class GatedDconvFFN(nn.Module):
@@ -29,7 +29,5 @@ class GatedDconvFFN(nn.Module):
         hidden = self.project_in(x)
         if x.shape[0] == 0:  # the op takes no empty tensor; an empty batch has h channels here
             return self.project_out(hidden[:, :self.hidden_features])
-        # Under autocast the parameters follow hidden's dtype: custom ops' arguments are not cast.
-        bias = None if self.dwconv.bias is None else self.dwconv.bias.to(hidden.dtype)
-        return self.project_out(gated_dwconv(hidden, self.dwconv.weight.to(hidden.dtype), bias, "gelu",
-                                             backend=self.backend))
+        weight, bias = autocast_parameters(hidden, self.dwconv.weight, self.dwconv.bias)
+        return self.project_out(gated_dwconv(hidden, weight, bias, "gelu", backend=self.backend))

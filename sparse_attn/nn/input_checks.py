@@ -26,3 +26,9 @@ def check_feature_map(module, x, channels, name="x"):
                         f"(convert the input or the module with .to(dtype))")
     if x.device != weight.device:
         raise ValueError(f"{name}: expected a tensor on the module's device {weight.device}, got {x.device}")
+
+
+def autocast_parameters(x, *params):
+    """``params`` in x's dtype where they differ (None stays None): under autocast a fused op
+    takes its weights in the dtype its input was cast to, as the convolution it replaces would."""
+    return tuple(p.to(x.dtype) if p is not None and p.dtype != x.dtype else p for p in params)

@@ -2,7 +2,7 @@
 from torch import nn
 
 from ..ops import mixed_scale_dwconv
-from .input_checks import check_feature_map
+from .input_checks import autocast_parameters, check_feature_map
 
 
 class MixedScaleFFN(nn.Module):
@@ -30,12 +30,9 @@ class MixedScaleFFN(nn.Module):
         self.project_out = nn.Conv2d(hidden * 2, dim, kernel_size=1, bias=bias)
 
     def _mixed_scale_core(self, x):
-        # Under autocast x comes in the autocast dtype while the parameters stay float32, and the
-        # custom op (which autocast does not cast) takes one dtype: the parameters follow x.
         convs = (self.dwconv3x3, self.dwconv5x5, self.dwconv3x3_1, self.dwconv5x5_1)
-        weights = [c.weight.to(x.dtype) for c in convs]
-        biases = [None if c.bias is None else c.bias.to(x.dtype) for c in convs]
-        return mixed_scale_dwconv(x, *weights, *biases, backend=self.backend)
+        params = autocast_parameters(x, *(c.weight for c in convs), *(c.bias for c in convs))
+        return mixed_scale_dwconv(x, *params, backend=self.backend)
 
     def forward(self, x):
         """(B, dim, H, W) -> (B, dim, H, W)."""

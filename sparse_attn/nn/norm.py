@@ -48,9 +48,9 @@ class LayerNorm2d(nn.Module):
         check_feature_map(self, x, self.dim)
         if x.shape[0] == 0:
             return x.clone()  # the op takes no empty tensor: nothing to normalise
-        # Under autocast x may come in a lower precision; a norm runs in its parameters' dtype, as
-        # autocast runs layer_norm (custom ops' arguments are not cast by autocast).
-        return layer_norm2d(x.to(self.body.weight.dtype), self.body.weight, self.body.bias, EPS, backend=self.backend)
+        if x.dtype != self.body.weight.dtype:  # under autocast: normalise in the parameters' dtype, as
+            x = x.to(self.body.weight.dtype)   # autocast runs layer_norm in float32
+        return layer_norm2d(x, self.body.weight, self.body.bias, EPS, backend=self.backend)
 
     def extra_repr(self):
         return f"{self.dim}, LayerNorm_type={self.LayerNorm_type!r}"
