@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..ops.sparse_channel_attention import sparse_channel_attention
-from .input_checks import check_feature_map
+from .input_checks import autocast_parameters, check_feature_map
 
 
 def drsformer_topk(channels):
@@ -50,9 +50,11 @@ class ChannelAttentionBase(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} must implement branches(d) or attend(q, k, v)")
 
     def attend(self, q, k, v):
-        """The attention of q, k, v, each (B, heads, d, H·W) with B >= 1; returns (B, heads, d, H·W)."""
+        """The attention of q, k, v, each (B, heads, d, H·W) with B >= 1; returns (B, heads, d, H·W).
+        Parameters reach the op in q's dtype (:func:`autocast_parameters`)."""
         weights, topk, activation = self.branches(q.shape[2])
-        return sparse_channel_attention(q, k, v, self.temperature, weights, topk, activation, backend=self.backend)
+        temperature, weights = autocast_parameters(q, self.temperature, weights)
+        return sparse_channel_attention(q, k, v, temperature, weights, topk, activation, backend=self.backend)
 
     def forward(self, x):
         """(B, dim, H, W) -> (B, dim, H, W)."""
