@@ -275,10 +275,11 @@ def test_restore_writes_pngs_never_over_inputs_and_skips_bad_files(trained, data
     assert read_rgb8(tmp_path / "out" / "0002.png").shape == read_rgb8(folder / "0002.png").shape
 
 
-def test_restore_names_the_memory_a_too_large_image_needs(trained, data, tmp_path, capsys):
+def test_restore_skips_an_image_that_fits_in_no_way(trained, data, tmp_path, capsys):
     code, out, err = run_cli(capsys, "restore", os.path.join(data, "test", "input", "0000.png"), tmp_path,
                              "--weights", trained / "models" / "net_g_40.pth", "--memory-limit", "0.00001")
-    assert code == 1 and "needs about" in err and "--tile" in err
+    # Whole-image inference does not fit, nor do the narrowest row bands of streaming.
+    assert code == 1 and "max_memory" in err and "cannot run DRSformer" in err and "--tile" in err
     assert not os.listdir(tmp_path)
 
 

@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import sparse_attn
+from sparse_attn.streaming import MemoryBudgetError
 
 from . import networks, runtime
 from .data import dihedral, inverse_dihedral
@@ -101,6 +102,10 @@ def run(args):
                     restored = restore_image(forward, image[None].to(device=device, dtype=dtype), args, progress)
                 except torch.OutOfMemoryError:
                     _report(f"skipped {path} ({w}x{h}): out of memory on {device}; use --tile 512")
+                    skipped += 1
+                    continue
+                except MemoryBudgetError as exc:  # not even the narrowest row bands fit
+                    _report(f"skipped {path} ({w}x{h}): {exc}; use --tile 512 (approximate)")
                     skipped += 1
                     continue
             write_png(to_rgb8(restored[0]), target)
