@@ -56,7 +56,8 @@ def first_output(output):
 def read_checkpoint(path):
     """(state_dict, network_g options or None) of a checkpoint file: BasicSR's ``{"params": ...}``
     (``params_ema`` preferred when present, as BasicSR's test scripts do not, but EMA weights are
-    the ones to restore with), or a bare state_dict; a ``module.`` prefix (DDP) is dropped."""
+    the ones to restore with), ``{"state_dict": ...}`` (Magic-ELF's training files), or a bare
+    state_dict; a ``module.`` prefix (DDP) is dropped."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -69,7 +70,7 @@ def read_checkpoint(path):
     if not isinstance(checkpoint, dict):
         raise CliError(f"--weights: {path} holds a {type(checkpoint).__name__}, not a state_dict")
     options = checkpoint.get("network_g") if isinstance(checkpoint.get("network_g"), dict) else None
-    for key in ("params_ema", "params"):
+    for key in ("params_ema", "params", "state_dict"):  # state_dict: Magic-ELF's training files
         if isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]
             break
