@@ -3,7 +3,7 @@ from torch import nn
 
 from ..ops import gated_dwconv
 from .gated_dconv_ffn import GatedDconvFFN
-from .input_checks import check_feature_map
+from .input_checks import autocast_parameters, check_feature_map
 
 
 class PReLUGatedFFN(GatedDconvFFN):
@@ -26,5 +26,5 @@ class PReLUGatedFFN(GatedDconvFFN):
         hidden = self.project_in(x)
         if x.shape[0] == 0:  # the op takes no empty tensor; an empty batch has h channels here
             return self.project_out(hidden[:, :self.hidden_features])
-        return self.project_out(gated_dwconv(hidden, self.dwconv.weight, self.dwconv.bias, "prelu", self.act1.weight,
-                                             backend=self.backend))
+        weight, bias, slope = autocast_parameters(hidden, self.dwconv.weight, self.dwconv.bias, self.act1.weight)
+        return self.project_out(gated_dwconv(hidden, weight, bias, "prelu", slope, backend=self.backend))
