@@ -23,11 +23,17 @@ class GatedDconvFFN(nn.Module):
                                 groups=hidden * 2, bias=bias)
         self.project_out = nn.Conv2d(hidden, dim, kernel_size=1, bias=bias)
 
+    activation = "gelu"  # the gate of gated_dwconv
+
+    def gate_weight(self):
+        """The gate's learnable parameter (a PReLU slope), or None."""
+        return None
+
     def forward(self, x):
         """(B, dim, H, W) -> (B, dim, H, W)."""
         check_feature_map(self, x, self.dim)
         hidden = self.project_in(x)
         if x.shape[0] == 0:  # the op takes no empty tensor; an empty batch has h channels here
             return self.project_out(hidden[:, :self.hidden_features])
-        weight, bias = autocast_parameters(hidden, self.dwconv.weight, self.dwconv.bias)
-        return self.project_out(gated_dwconv(hidden, weight, bias, "gelu", backend=self.backend))
+        weight, bias, gate_weight = autocast_parameters(hidden, self.dwconv.weight, self.dwconv.bias, self.gate_weight())
+        return self.project_out(gated_dwconv(hidden, weight, bias, self.activation, gate_weight, backend=self.backend))

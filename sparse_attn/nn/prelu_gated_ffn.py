@@ -1,9 +1,7 @@
 """ELF's feed-forward network: Restormer's gated-Dconv FFN with a PReLU gate."""
 from torch import nn
 
-from ..ops import gated_dwconv
 from .gated_dconv_ffn import GatedDconvFFN
-from .input_checks import autocast_parameters, check_feature_map
 
 
 class PReLUGatedFFN(GatedDconvFFN):
@@ -16,15 +14,11 @@ class PReLUGatedFFN(GatedDconvFFN):
     ("auto" follows ``use_backend``).
     """
 
+    activation = "prelu"
+
     def __init__(self, dim, ffn_expansion_factor, bias, backend="auto"):
         super().__init__(dim, ffn_expansion_factor, bias, backend)
         self.act1 = nn.PReLU()
 
-    def forward(self, x):
-        """(B, dim, H, W) -> (B, dim, H, W)."""
-        check_feature_map(self, x, self.dim)
-        hidden = self.project_in(x)
-        if x.shape[0] == 0:  # the op takes no empty tensor; an empty batch has h channels here
-            return self.project_out(hidden[:, :self.hidden_features])
-        weight, bias, slope = autocast_parameters(hidden, self.dwconv.weight, self.dwconv.bias, self.act1.weight)
-        return self.project_out(gated_dwconv(hidden, weight, bias, "prelu", slope, backend=self.backend))
+    def gate_weight(self):
+        return self.act1.weight
