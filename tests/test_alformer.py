@@ -156,6 +156,8 @@ def test_prelu_gated_ffn_is_elfs_feedforward():
     for backend in _float64_backends():
         with sparse_attn.use_backend(backend):
             torch.testing.assert_close(ffn(x), expected, rtol=1e-13, atol=1e-13)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the fused core takes its weights in x's dtype
+        assert ffn.float()(torch.rand(1, 16, 8, 8, dtype=torch.bfloat16)).shape == (1, 16, 8, 8)
 
 
 def test_shuffle_up_reads_offsets_column_major():

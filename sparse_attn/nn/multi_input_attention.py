@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..ops.sparse_channel_attention import sparse_channel_attention
-from .input_checks import check_feature_map
+from .input_checks import autocast_parameters, check_feature_map
 from .norm import LayerNorm2d
 
 
@@ -81,8 +81,9 @@ class MultiInputAttention(nn.Module):
             return self.project_out(v)
         shape = (b, self.num_heads, c // self.num_heads, h * w)
         q, k = self.q(q_fea).reshape(shape), self.k(k_fea).reshape(shape)
+        (temperature,) = autocast_parameters(q, self.temperature)
         weights = torch.ones(1, dtype=q.dtype, device=q.device)
-        out = sparse_channel_attention(q, k, v.reshape(shape), self.temperature, weights, (self.kept,), "softmax",
+        out = sparse_channel_attention(q, k, v.reshape(shape), temperature, weights, (self.kept,), "softmax",
                                        backend=self.backend)
         return self.project_out(out.reshape(b, c, h, w))
 
