@@ -111,5 +111,5 @@ def test_channel_attention_base_is_the_frame_of_every_attention_module():
     x = torch.randn(2, 16, 5, 7)
     v = module.qkv_dwconv(module.qkv(x))[:, 32:]
     torch.testing.assert_close(module(x), module.project_out(v))
-    with pytest.raises(NotImplementedError, match="ChannelAttentionBase must implement branches\(d\) or attend"):
+    with pytest.raises(NotImplementedError, match=r"ChannelAttentionBase must implement branches\(d\) or attend"):
         ChannelAttentionBase(16, 2, False)(x)
