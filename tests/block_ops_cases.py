@@ -4,7 +4,7 @@ error bounded by the reference's own error in that dtype (as flash-attention's t
 import torch
 
 import sparse_attn
-from mixed_scale_dwconv_cases import as_dtype, forward_and_grads
+from helpers import cast, forward_and_grads
 from sparse_attn.reference import gated_dwconv as reference_gated_dwconv
 from sparse_attn.reference import layer_norm2d as reference_layer_norm2d
 from sparse_attn.reference.gated_dwconv import ACTIVATIONS
@@ -68,15 +68,14 @@ def assert_close(fn, reference, inputs64, grad64, dtype, names):
     """fn's output and gradients in `dtype` against the float64 reference: in float64 to
     rounding, otherwise at most 2x the reference's own error in `dtype` (plus a rounding floor)."""
     truth = forward_and_grads(reference, inputs64, grad64)
-    got = forward_and_grads(fn, as_dtype(inputs64, dtype), grad64.to(dtype))
+    got = forward_and_grads(fn, cast(inputs64, dtype), grad64.to(dtype))
     if dtype == torch.float64:
         baseline = [torch.zeros(())] * (len(names) + 1)
     else:
-        low = forward_and_grads(reference, as_dtype(inputs64, dtype), grad64.to(dtype))
-        baseline = [(a.double() - b).abs().max() if b is not None else None
-                    for a, b in zip([low[0], *low[1]], [truth[0], *truth[1]])]
+        low = forward_and_grads(reference, cast(inputs64, dtype), grad64.to(dtype))
+        baseline = [(a.double() - b).abs().max() if b is not None else None for a, b in zip(low, truth)]
     eps = torch.finfo(dtype).eps
-    for name, mine, ref, ref_error in zip(("out",) + names, [got[0], *got[1]], [truth[0], *truth[1]], baseline):
+    for name, mine, ref, ref_error in zip(("out",) + names, got, truth, baseline):
         if ref is None:
             assert mine is None, f"{name}: expected no gradient for a missing input"
             continue
