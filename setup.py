@@ -81,11 +81,12 @@ setup(
     version="0.1.0",
     description="Fused Triton and C++/CUDA kernels for image-restoration transformers",
     packages=["sparse_attn", "sparse_attn.ops", "sparse_attn.reference", "sparse_attn.nn",
-              "sparse_attn.kernels", "sparse_attn.models"],
+              "sparse_attn.kernels", "sparse_attn.models", "sparse_attn.cli"],
     package_dir={"sparse_attn.kernels": "kernels", "sparse_attn.models": "models"},
     # The Makefile sets SPARSE_ATTN_SKIP_EXTENSION for the editable install, which only registers
     # the package paths; `setup.py build_ext --inplace` then builds the extension incrementally.
     ext_modules=[] if os.environ.get("SPARSE_ATTN_SKIP_EXTENSION") == "1" else [_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    entry_points={"console_scripts": ["sparse-attn = sparse_attn.cli.main:main"]},
     python_requires=">=3.10",
 )

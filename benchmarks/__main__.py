@@ -9,7 +9,8 @@ from .case import Options
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description="Run the sparse-attn benchmark suite: one table, the issues' targets, CSV rows and plots.")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description="Run the sparse-attn benchmark suite: a summary per group (--wide: every "
+                                     "column), the targets, CSV rows and plots.")
     sweep = parser.add_mutually_exclusive_group()
     sweep.add_argument("--full", action="store_const", dest="sweep", const="full", default="quick",
                        help="the complete sweep: 128², 256², 512², every peak memory and error, torch.compile "
@@ -28,6 +29,8 @@ def parse_args(argv):
     parser.add_argument("--no-errors", action="store_true", help="skip the float64 error columns")
     parser.add_argument("--no-write", action="store_true", help="print only: no CSV rows, no plots")
     parser.add_argument("--results-dir", default=None, help="where the CSV and PNG files go")
+    parser.add_argument("--wide", action="store_true",
+                        help="print every backend and column (the CSV has them all) instead of the summary")
     parser.add_argument("--verbose", action="store_true", help="print the traceback of every failure")
     return parser.parse_args(argv)
 
@@ -44,7 +47,8 @@ def main(argv=None):
     if device.startswith("cuda"):
         opts.bandwidth_gbps = timing.copy_bandwidth_gbps(device)
     kwargs = {} if args.results_dir is None else {"results_dir": args.results_dir}
-    suite.run(args.only or list(suite.GROUPS), opts, sweep=args.sweep, write=not args.no_write, **kwargs)
+    suite.run(args.only or list(suite.GROUPS), opts, sweep=args.sweep, write=not args.no_write, wide=args.wide,
+              **kwargs)
 
 
 if __name__ == "__main__":

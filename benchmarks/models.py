@@ -1,4 +1,5 @@
-"""Model cases: DRSformer, Restormer and the sparse gated deblurring transformer (DSGformer).
+"""Model cases: DRSformer, Restormer, the sparse gated deblurring transformer (DSGformer) and
+Magic-ELF's ALformer.
 
 Each network (default configuration, seeded weights) runs a training step (forward and the
 gradients of every parameter) and a no-grad inference on every backend through
@@ -18,13 +19,15 @@ from .memory import largest_square
 from .report import Target, find_row, ratio
 
 GROUP = "models"
-MODELS = ("DRSformer", "Restormer", "DSGformer")
+MODELS = ("DRSformer", "Restormer", "DSGformer", "ALformer")
 OURS = tuple(b for b in BACKENDS if b != "reference")  # the reference backend is the baseline
 MODES = {"train": "train step", "inference": "inference"}
 
 
 class OnBackend(nn.Module):
-    """Runs ``model`` with every op on ``backend`` (sparse_attn.use_backend around the call)."""
+    """Runs ``model`` with every op on ``backend`` (sparse_attn.use_backend around the call).
+    A network with several outputs (ALformer) is run through its ``restore``: the restored image
+    alone, whose gradient reaches every parameter."""
 
     def __init__(self, model, backend):
         super().__init__()
@@ -32,7 +35,7 @@ class OnBackend(nn.Module):
 
     def forward(self, x):
         with sparse_attn.use_backend(self.backend):
-            return self.model(x)
+            return getattr(self.model, "restore", self.model)(x)
 
 
 def spec(model, mode, side, compile=True, peak=False, timed=True):
@@ -43,11 +46,12 @@ def spec(model, mode, side, compile=True, peak=False, timed=True):
 def default_specs(sweep):
     """The full networks are slow on a small CPU (DRSformer's training step takes about a minute at
     64² on 2 busy cores, several at 128²), so:
-    quick: DRSformer's and DSGformer's training steps at 64², every model's inference at 128²,
-        not compiled; their inference peak memory at 128², and DRSformer's at 64² (the
+    quick: DRSformer's, DSGformer's and ALformer's training steps at 64², every model's
+        inference at 128², not compiled; their inference peak memory at 128², and DRSformer's at 64² (the
         largest-image estimate is drawn through DRSformer's two);
     targets: issue 5's shapes: DRSformer's training step at 128², its inference peak memory at
-        256² and 512²; issue 15's: Restormer's training step at 128²;
+        256² and 512²; issue 15's: Restormer's training step at 128²; issue 14's: ALformer's
+        training step at 128², its inference at 256² and 512² (time and peak memory);
     full: training steps at 128² and 256², inference at 256² and 512², everything compiled and
         every peak measured, and the largest-image bisection."""
     if sweep == "full":
@@ -56,8 +60,10 @@ def default_specs(sweep):
                 for side in sides]
     if sweep == "targets":
         return [spec("DRSformer", "train", 128, compile=False), spec("Restormer", "train", 128, compile=False),
-                *(spec("DRSformer", "inference", side, compile=False, peak=True, timed=False) for side in (256, 512))]
-    specs = [spec(m, "train", 64, compile=False) for m in ("DRSformer", "DSGformer")]
+                *(spec("DRSformer", "inference", side, compile=False, peak=True, timed=False) for side in (256, 512)),
+                spec("ALformer", "train", 128, compile=False, peak=True),
+                *(spec("ALformer", "inference", side, compile=False, peak=True) for side in (256, 512))]
+    specs = [spec(m, "train", 64, compile=False) for m in ("DRSformer", "DSGformer", "ALformer")]
     specs += [spec(m, "inference", 128, compile=False, peak=m in ("DRSformer", "DSGformer")) for m in MODELS]
     return specs + [spec("DRSformer", "inference", 64, compile=False, peak=True, timed=False)]
 
@@ -104,8 +110,8 @@ def make_case(spec):
 
 
 def targets(rows):
-    """Issue 5's targets (DRSformer) and issue 15's (Restormer's training step): CPU, fp32,
-    default configurations, batch 1."""
+    """Issue 5's targets (DRSformer), issue 15's (Restormer's training step) and issue 14's
+    (ALformer's training step): CPU, fp32, default configurations, batch 1."""
     train_shape, infer_shape = "B1 3x128x128", "B1 3x512x512"  # measured by --targets and --full
     native = find_row(rows, "DRSformer train step", train_shape, "native")
     reference = find_row(rows, "DRSformer train step", train_shape, "reference (eager)")
@@ -113,6 +119,8 @@ def targets(rows):
     reference_512 = find_row(rows, "DRSformer inference", infer_shape, "reference (eager)")
     restormer = find_row(rows, "Restormer train step", train_shape, "native")
     restormer_reference = find_row(rows, "Restormer train step", train_shape, "reference (eager)")
+    elf = find_row(rows, "ALformer train step", train_shape, "native")
+    elf_reference = find_row(rows, "ALformer train step", train_shape, "reference (eager)")
     get = lambda row, field: getattr(row, field, None)  # noqa: E731
     return [
         Target("5", f"DRSformer train step {train_shape}: native vs reference", get(native, "speedup_eager_fwdbwd"),
@@ -125,6 +133,10 @@ def targets(rows):
                ">=", 1.5),
         Target("15", f"Restormer train step {train_shape}: native saved bytes / reference's",
                ratio(get(restormer, "saved_bytes"), get(restormer_reference, "saved_bytes")), "<=", 0.50, "%"),
+        Target("14", f"ALformer train step {train_shape}: native vs reference", get(elf, "speedup_eager_fwdbwd"),
+               ">=", 1.3),
+        Target("14", f"ALformer train step {train_shape}: native saved bytes / reference's",
+               ratio(get(elf, "saved_bytes"), get(elf_reference, "saved_bytes")), "<=", 0.70, "%"),
     ]
 
 

@@ -36,9 +36,9 @@ class Target:
         return "PASS" if ok else "FAIL"
 
     def line(self):
+        """The target named by what it measures (the issue that set it stays in ``issue``)."""
         shown = "not measured" if self.value is None else f"measured {_format_value(self.value, self.unit)}"
-        return (f"{self.verdict:4}  issue {self.issue}: {self.what} {self.op} "
-                f"{_format_value(self.threshold, self.unit)} — {shown}")
+        return f"{self.verdict:4}  {self.what} {self.op} {_format_value(self.threshold, self.unit)} — {shown}"
 
 
 def _format_value(value, unit):
@@ -119,6 +119,60 @@ def render_table(rows, title):
         table.add_row(*line)
     console = Console(file=io.StringIO(), width=250, color_system=None)
     console.print(table)
+    return console.file.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary: one line per case, what a person reads at a glance (the full table: --wide, the CSV)
+# ---------------------------------------------------------------------------------------------
+SUMMARY_COLUMNS = ("case", "ours", "ours ms fwd / f+b", "official ms fwd / f+b", "speed-up fwd / f+b",
+                   "memory ours / official")
+
+
+def summary_cells(case_rows):
+    """The summary's cells for the rows of one case: our fastest backend against the official
+    code in eager mode (memory: peak where both have it, else bytes saved for backward)."""
+    official = next((r for r in case_rows if r.role == "eager" and r.status == "ok"), None)
+    ours = [r for r in case_rows if r.role == "backend" and r.status == "ok"]
+    first = case_rows[0]
+    if not ours:
+        reasons = sorted({r.status for r in case_rows if r.role == "backend"})
+        return (f"{first.name} {first.shape}", "—", ", ".join(reasons) or "—", "", "", "")
+    best = min(ours, key=lambda r: (r.fwdbwd_ms is None, r.fwdbwd_ms or r.fwd_ms or float("inf")))
+    memory = "—"
+    if official is not None:
+        for field, label in (("peak_bytes", "peak"), ("saved_bytes", "saved")):
+            a, b = getattr(best, field), getattr(official, field)
+            if a not in (None, float("inf")) and b not in (None, float("inf")):
+                memory = f"{_mb(a)} / {_mb(b)} MB {label}"
+                break
+
+    def pair(a, b, fmt):
+        return "—" if a is None and b is None else f"{fmt(a)} / {fmt(b)}"
+    return (f"{first.name} {first.shape}", best.backend, pair(best.fwd_ms, best.fwdbwd_ms, _ms),
+            pair(*(None, None) if official is None else (official.fwd_ms, official.fwdbwd_ms), _ms),
+            pair(best.speedup_eager_fwd, best.speedup_eager_fwdbwd, _speed), memory)
+
+
+def render_summary(rows, title):
+    """Per group, one line per case (see :func:`summary_cells`), about 110 columns wide."""
+    from rich.console import Console
+    from rich.table import Table
+    console = Console(file=io.StringIO(), width=130, color_system=None)
+    console.print(title)
+    for group in dict.fromkeys(r.group for r in rows):
+        cases = {}
+        for row in rows:
+            if row.group == group:
+                cases.setdefault((row.name, row.shape), []).append(row)
+        table = Table(title=group, title_justify="left", show_lines=False)
+        for i, name in enumerate(SUMMARY_COLUMNS):
+            table.add_column(name, justify="right" if i >= 2 else "left", overflow="fold")
+        for case_rows in cases.values():
+            table.add_row(*summary_cells(case_rows))
+        console.print(table)
+    console.print("ours: the fastest backend of the case; official: the official code in eager mode; speed-up: "
+                  "official time / ours. Every backend and column: --wide, and the CSV rows.")
     return console.file.getvalue()
 
 

@@ -6,7 +6,7 @@ import time
 from . import case as case_module
 from . import report
 
-GROUPS = ("attention", "msfn", "blocks", "models")
+GROUPS = ("attention", "msfn", "blocks", "models", "streaming")
 
 
 def group_module(group):
@@ -31,9 +31,9 @@ def cases(groups, sweep):
     return [make_case(group, spec) for group in groups for spec in group_module(group).default_specs(sweep)]
 
 
-def run(groups, opts, sweep="quick", results_dir=report.RESULTS_DIR, write=True, stream=sys.stdout):
-    """Measure every case of ``groups``, print the table and the Targets, append the CSV rows
-    and draw the plots. Returns the rows."""
+def run(groups, opts, sweep="quick", results_dir=report.RESULTS_DIR, write=True, stream=sys.stdout, wide=False):
+    """Measure every case of ``groups``, print the summary (``wide``: the whole table) and the
+    Targets, append the CSV rows and draw the plots. Returns the rows."""
     started = time.perf_counter()
     rows = []
     for case in cases(groups, sweep):
@@ -45,8 +45,11 @@ def run(groups, opts, sweep="quick", results_dir=report.RESULTS_DIR, write=True,
     env = report.environment(opts.device)
     title = (f"sparse-attn benchmarks · {env['device']} · torch {env['torch']} · triton {env['triton']} · "
              f"commit {env['commit']} · {env['date']}")
-    print(report.render_table(rows, title), file=stream)
-    print(report.LEGEND, file=stream)
+    if wide:
+        print(report.render_table(rows, title), file=stream)
+        print(report.LEGEND, file=stream)
+    else:
+        print(report.render_summary(rows, title), file=stream)
     for group in groups:  # a group may add a section of its own (the models: largest image)
         section = getattr(group_module(group), "section", None)
         if section is not None:

@@ -170,10 +170,15 @@ class MEFC(nn.Module):
             self.layers.append(OALayer(dim, steps, NUM_EXPERTS))
             self.layers.append(GroupOLs(steps, dim))
 
+    def runs_lean(self):
+        """Whether the lean form runs: off ``reference``, judged by the request (not by what a
+        build resolves it to)."""
+        return backends.requested(self.backend) != "reference"
+
     def forward(self, x):
         """(B, dim, H, W) -> (B, dim, H, W)."""
         check_feature_map(self, x, self._C)
-        if backends.requested(self.backend) == "reference":  # the request, not what a build resolves it to
+        if not self.runs_lean():
             return self._compensate(x, lean=False)
         if torch.is_grad_enabled():
             return checkpoint(self._compensate, x, True, use_reentrant=False)

@@ -1,13 +1,12 @@
 """Inputs and comparisons shared by the tests of the per-block ops layer_norm2d and gated_dwconv
-(DESIGN.md §5) on every backend: the backend in some dtype against the float64 reference, its
-error bounded by the reference's own error in that dtype (as flash-attention's tests do)."""
+(DESIGN.md §5) on every backend: the backend in some dtype against the float64 reference, by the
+rule of tests/helpers.py."""
 import torch
 
 import sparse_attn
-from helpers import cast, forward_and_grads
+from helpers import assert_matches_float64_reference
 from sparse_attn.reference import gated_dwconv as reference_gated_dwconv
 from sparse_attn.reference import layer_norm2d as reference_layer_norm2d
-from sparse_attn.reference.gated_dwconv import ACTIVATIONS
 
 LAYER_NORM_NAMES = ("x", "weight", "bias")
 GATED_NAMES = ("x", "weight", "bias", "activation_weight")
@@ -64,38 +63,21 @@ def _reference_gated(activation):
     return lambda x, w, b, a: reference_gated_dwconv(x, w, b, activation, a)
 
 
-def assert_close(fn, reference, inputs64, grad64, dtype, names):
-    """fn's output and gradients in `dtype` against the float64 reference: in float64 to
-    rounding, otherwise at most 2x the reference's own error in `dtype` (plus a rounding floor)."""
-    truth = forward_and_grads(reference, inputs64, grad64)
-    got = forward_and_grads(fn, cast(inputs64, dtype), grad64.to(dtype))
-    if dtype == torch.float64:
-        baseline = [torch.zeros(())] * (len(names) + 1)
-    else:
-        low = forward_and_grads(reference, cast(inputs64, dtype), grad64.to(dtype))
-        baseline = [(a.double() - b).abs().max() if b is not None else None for a, b in zip(low, truth)]
-    eps = torch.finfo(dtype).eps
-    for name, mine, ref, ref_error in zip(("out",) + names, got, truth, baseline):
-        if ref is None:
-            assert mine is None, f"{name}: expected no gradient for a missing input"
-            continue
-        assert mine.dtype == dtype and mine.shape == ref.shape, name
-        error = (mine.double() - ref).abs().max().item()
-        # Rounding floor: parameter gradients sum up to ~10^4 pixels, in another order than the
-        # reference's reduction (~√n·eps of the total).
-        floor = (64 if name in ("weight", "bias", "activation_weight") else 8) * eps * max(ref.abs().max().item(), 1.0)
-        assert error <= 2 * ref_error.item() + floor, (
-            f"{name}: error {error:.3g} vs the {dtype} reference's {ref_error.item():.3g} (floor {floor:.3g})")
+# In float64 (where the reference is the truth) the parameter gradients sum up to ~10^4 pixels in
+# another order than the reference's reduction: a floor of 64 ulps of the largest value.
+_FLOOR_ULPS = {torch.float64: 64}
 
 
 def assert_layer_norm_close(backend, shape, dtype, bias, device="cpu"):
     inputs64 = layer_norm_inputs(shape, torch.float64, bias, device)
     grad64 = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).to(device)
-    assert_close(layer_norm_fn(backend), reference_layer_norm2d, inputs64, grad64, dtype, LAYER_NORM_NAMES)
+    assert_matches_float64_reference(layer_norm_fn(backend), reference_layer_norm2d, inputs64, dtype,
+                                     ("out",) + LAYER_NORM_NAMES, grad64, _FLOOR_ULPS)
 
 
 def assert_gated_close(backend, shape, dtype, bias, activation, device="cpu"):
     inputs64 = gated_inputs(shape, torch.float64, bias, activation, device)
     out_shape = (shape[0], shape[1] // 2, shape[2], shape[3])
     grad64 = torch.randn(out_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).to(device)
-    assert_close(gated_fn(backend, activation), _reference_gated(activation), inputs64, grad64, dtype, GATED_NAMES)
+    assert_matches_float64_reference(gated_fn(backend, activation), _reference_gated(activation), inputs64, dtype,
+                                     ("out",) + GATED_NAMES, grad64, _FLOOR_ULPS)

@@ -166,3 +166,4 @@ def test_every_sweep_builds_its_cases_and_covers_the_targets():
     assert ("DRSformer train step", "B1 3x128x128") in shapes and ("DRSformer inference", "B1 3x512x512") in shapes
     assert ("LayerNorm (WithBias)", "B1 C48 256x256") in shapes and ("GDFN core (gelu)", "B1 C254 256x256") in shapes
     assert ("Restormer train step", "B1 3x128x128") in shapes
+    assert ("DRSformer full image", "B1 3x1024x1024") in shapes

@@ -8,9 +8,8 @@ import torch.nn.functional as F
 
 import sparse_attn
 from benchmarks.memory import saved_bytes
-from block_ops_cases import (GATED_NAMES, GATED_SHAPES, assert_gated_close, forward_and_grads, gated_fn,
-                             gated_inputs)
-from helpers import requires_cuda
+from block_ops_cases import GATED_NAMES, GATED_SHAPES, assert_gated_close, gated_fn, gated_inputs
+from helpers import forward_and_grads, requires_cuda
 from sparse_attn import backends, encodings
 from sparse_attn.reference import gated_dwconv as reference
 from sparse_attn.reference.gated_dwconv import ACTIVATIONS

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import sparse_attn
-from block_ops_cases import GATED_NAMES, GATED_SHAPES, assert_gated_close, forward_and_grads, gated_fn, gated_inputs
+from block_ops_cases import GATED_NAMES, GATED_SHAPES, assert_gated_close, gated_fn, gated_inputs
+from helpers import forward_and_grads
 from sparse_attn import backends
 from sparse_attn.reference.gated_dwconv import ACTIVATIONS
 from test_gated_dwconv import opcheck_forward_and_backward

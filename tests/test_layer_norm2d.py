@@ -6,9 +6,9 @@ import torch
 
 import sparse_attn
 from benchmarks.memory import saved_bytes
-from block_ops_cases import (LAYER_NORM_NAMES, LAYER_NORM_SHAPES, assert_layer_norm_close, forward_and_grads,
-                             layer_norm_fn, layer_norm_inputs)
-from helpers import requires_cuda
+from block_ops_cases import (LAYER_NORM_NAMES, LAYER_NORM_SHAPES, assert_layer_norm_close, layer_norm_fn,
+                             layer_norm_inputs)
+from helpers import forward_and_grads, requires_cuda
 from sparse_attn import backends
 from sparse_attn.reference import layer_norm2d as reference
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import sparse_attn
-from block_ops_cases import (LAYER_NORM_NAMES, LAYER_NORM_SHAPES, assert_layer_norm_close, forward_and_grads,
-                             layer_norm_fn, layer_norm_inputs)
+from block_ops_cases import (LAYER_NORM_NAMES, LAYER_NORM_SHAPES, assert_layer_norm_close, layer_norm_fn,
+                             layer_norm_inputs)
+from helpers import forward_and_grads
 from sparse_attn import backends
 from test_layer_norm2d import opcheck_forward_and_backward
 

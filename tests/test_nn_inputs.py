@@ -10,7 +10,7 @@ import torch
 from sparse_attn.models import DRSformer, DSGformer, Restormer
 from sparse_attn.models.drsformer import MEFC
 from sparse_attn.nn import (ChannelAttention, ChannelAttentionBase, DeepSparseAttention, FrequencyGatedFFN,
-                            GatedDconvFFN, LayerNorm2d, MixedScaleFFN, TopKChannelAttention)
+                            GatedDconvFFN, LayerNorm2d, MixedScaleFFN, PReLUGatedFFN, TopKChannelAttention)
 
 MODULES = {
     "TopKChannelAttention": functools.partial(TopKChannelAttention, 16, 2, False),
@@ -18,6 +18,7 @@ MODULES = {
     "DeepSparseAttention": functools.partial(DeepSparseAttention, 16, 2, False),
     "MixedScaleFFN": functools.partial(MixedScaleFFN, 16, 2.66, False),
     "GatedDconvFFN": functools.partial(GatedDconvFFN, 16, 2.66, False),
+    "PReLUGatedFFN": functools.partial(PReLUGatedFFN, 16, 2.66, False),
     "FrequencyGatedFFN": functools.partial(FrequencyGatedFFN, 16, 2.66, False),
     "LayerNorm2d": functools.partial(LayerNorm2d, 16),
     "LayerNorm2d_BiasFree": functools.partial(LayerNorm2d, 16, "BiasFree"),
@@ -59,14 +60,18 @@ def test_another_device_names_the_expected_one(name):
         build()(torch.empty(1, channels, 8, 8, device="meta"))
 
 
-def test_autocast_takes_other_float_dtypes():
-    # Under autocast a module's convolutions cast their inputs, so the dtype check gives way.
-    ffn = MODULES["GatedDconvFFN"]()
+@pytest.mark.parametrize("name", MODULES)
+def test_autocast_takes_other_float_dtypes(name):
+    # Under autocast a module's convolutions cast their inputs, so the dtype check gives way, and
+    # the parameters the custom ops take follow the activations' dtype; gradients reach them.
+    module = MODULES[name]()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert ffn(torch.rand(1, 16, 8, 8, dtype=torch.bfloat16)).shape == (1, 16, 8, 8)
-        # the norm runs in its parameters' dtype (float32), as autocast runs layer_norm
-        norm = LayerNorm2d(16)
-        assert norm(torch.rand(1, 16, 8, 8, dtype=torch.bfloat16)).dtype == torch.float32
+        out = module(torch.rand(1, 16, 8, 8, dtype=torch.bfloat16))
+    assert out.shape == (1, 16, 8, 8)
+    if name.startswith("LayerNorm2d"):  # the norm runs in its parameters' dtype, as autocast runs layer_norm
+        assert out.dtype == torch.float32
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in module.parameters())
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])

@@ -4,7 +4,10 @@ from .deep_sparse_attention import DeepSparseAttention
 from .mixed_scale_ffn import MixedScaleFFN
 from .frequency_gated_ffn import FrequencyGatedFFN
 from .gated_dconv_ffn import GatedDconvFFN
+from .multi_input_attention import MultiInputAttention, MultiInputTransformerBlock
 from .norm import LayerNorm2d
+from .prelu_gated_ffn import PReLUGatedFFN
 
 __all__ = ["ChannelAttentionBase", "TopKChannelAttention", "ChannelAttention", "drsformer_topk", "MixedScaleFFN",
-           "GatedDconvFFN", "LayerNorm2d", "DeepSparseAttention", "FrequencyGatedFFN"]
+           "GatedDconvFFN", "LayerNorm2d", "DeepSparseAttention", "FrequencyGatedFFN",
+           "MultiInputAttention", "MultiInputTransformerBlock", "PReLUGatedFFN"]

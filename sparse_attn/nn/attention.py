@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..ops.sparse_channel_attention import sparse_channel_attention
-from .input_checks import check_feature_map
+from .input_checks import autocast_parameters, check_feature_map
 
 
 def drsformer_topk(channels):
@@ -25,8 +25,10 @@ class ChannelAttentionBase(nn.Module):
     parameter names (``temperature``, ``qkv``, ``qkv_dwconv``, ``project_out``) are those of
     Restormer's and DRSformer's ``Attention``, so their state_dicts load.
 
-    A subclass adds its own parameters in ``__init__`` and implements :meth:`attend`, usually one
-    call of :func:`sparse_attn.sparse_channel_attention` with ``backend=self.backend``.
+    A subclass adds its own parameters in ``__init__`` and implements :meth:`branches` (the
+    weights, kept counts and activations of :func:`sparse_attn.sparse_channel_attention`, which
+    the default :meth:`attend` calls with ``backend=self.backend``; exact row-band streaming,
+    :mod:`sparse_attn.streaming`, uses them too), or :meth:`attend` for any other attention.
     ``forward`` checks the input (names the argument and the expected shape, dtype and device) and
     returns an empty batch for an empty batch without calling :meth:`attend`.
     """
@@ -42,9 +44,17 @@ class ChannelAttentionBase(nn.Module):
                                     groups=dim * 3, bias=bias)
         self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
 
+    def branches(self, d):
+        """(weights, topk, activation) of the attention op for d channels per head: the branch
+        weights (R,), the kept counts and the activations, one per branch."""
+        raise NotImplementedError(f"{type(self).__name__} must implement branches(d) or attend(q, k, v)")
+
     def attend(self, q, k, v):
-        """The attention of q, k, v, each (B, heads, d, H·W) with B >= 1; returns (B, heads, d, H·W)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement attend(q, k, v)")
+        """The attention of q, k, v, each (B, heads, d, H·W) with B >= 1; returns (B, heads, d, H·W).
+        Parameters reach the op in q's dtype (:func:`autocast_parameters`)."""
+        weights, topk, activation = self.branches(q.shape[2])
+        temperature, weights = autocast_parameters(q, self.temperature, weights)
+        return sparse_channel_attention(q, k, v, temperature, weights, topk, activation, backend=self.backend)
 
     def forward(self, x):
         """(B, dim, H, W) -> (B, dim, H, W)."""
@@ -76,17 +86,14 @@ class TopKChannelAttention(ChannelAttentionBase):
         self.attn3 = nn.Parameter(torch.tensor([0.2]))
         self.attn4 = nn.Parameter(torch.tensor([0.2]))
 
-    def attend(self, q, k, v):
-        weights = torch.cat([self.attn1, self.attn2, self.attn3, self.attn4])
-        return sparse_channel_attention(q, k, v, self.temperature, weights, drsformer_topk(q.shape[2]),
-                                        "softmax", backend=self.backend)
+    def branches(self, d):
+        topk = drsformer_topk(d)
+        return torch.cat([self.attn1, self.attn2, self.attn3, self.attn4]), topk, ("softmax",) * len(topk)
 
 
 class ChannelAttention(ChannelAttentionBase):
     """Restormer's multi-Dconv head transposed attention (MDTA): one dense softmax branch,
     run on the same op with ``topk=(d,)``."""
 
-    def attend(self, q, k, v):
-        weights = torch.ones(1, dtype=q.dtype, device=q.device)
-        return sparse_channel_attention(q, k, v, self.temperature, weights, (q.shape[2],), "softmax",
-                                        backend=self.backend)
+    def branches(self, d):
+        return self.temperature.new_ones(1), (d,), ("softmax",)

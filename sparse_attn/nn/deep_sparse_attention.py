@@ -17,7 +17,6 @@ the paper it follows ("Deep Sparse Gated Transformer for Image Deblurring") publ
 import torch
 from torch import nn
 
-from ..ops.sparse_channel_attention import sparse_channel_attention
 from .attention import ChannelAttentionBase
 
 
@@ -43,10 +42,8 @@ class DeepSparseAttention(ChannelAttentionBase):
             raise ValueError(f"keep_fraction: {numerator}/{denominator} of d = {d} keeps no channel")
         self.branch_logits = nn.Parameter(torch.zeros(2))
 
-    def attend(self, q, k, v):
-        weights = torch.softmax(self.branch_logits, dim=0)
-        return sparse_channel_attention(q, k, v, self.temperature, weights, (self.topk, self.topk),
-                                        ("softmax", "relu2"), backend=self.backend)
+    def branches(self, d):
+        return torch.softmax(self.branch_logits, dim=0), (self.topk, self.topk), ("softmax", "relu2")
 
     def extra_repr(self):
         return f"{super().extra_repr()}, keep_fraction={self.keep_fraction}, topk={self.topk}"

@@ -2,7 +2,7 @@
 from torch import nn
 
 from ..ops import mixed_scale_dwconv
-from .input_checks import check_feature_map
+from .input_checks import autocast_parameters, check_feature_map
 
 
 class MixedScaleFFN(nn.Module):
@@ -30,9 +30,9 @@ class MixedScaleFFN(nn.Module):
         self.project_out = nn.Conv2d(hidden * 2, dim, kernel_size=1, bias=bias)
 
     def _mixed_scale_core(self, x):
-        return mixed_scale_dwconv(x, self.dwconv3x3.weight, self.dwconv5x5.weight, self.dwconv3x3_1.weight,
-                                  self.dwconv5x5_1.weight, self.dwconv3x3.bias, self.dwconv5x5.bias,
-                                  self.dwconv3x3_1.bias, self.dwconv5x5_1.bias, backend=self.backend)
+        convs = (self.dwconv3x3, self.dwconv5x5, self.dwconv3x3_1, self.dwconv5x5_1)
+        params = autocast_parameters(x, *(c.weight for c in convs), *(c.bias for c in convs))
+        return mixed_scale_dwconv(x, *params, backend=self.backend)
 
     def forward(self, x):
         """(B, dim, H, W) -> (B, dim, H, W)."""
