@@ -26,6 +26,10 @@ from .. import backends
 
 _OPS = {}  # public name -> Op
 
+# What Triton kernels that accumulate in fp32 take: fp32, fp16 and bf16 on GPUs; on CPU tensors
+# (Triton's interpreter, whose bf16 products are wrong: numpy has no bf16) fp32 and fp16.
+TRITON_DTYPES = {"cpu": (torch.float32, torch.float16), "cuda": (torch.float32, torch.float16, torch.bfloat16)}
+
 
 @dataclasses.dataclass(frozen=True)
 class Kernels:

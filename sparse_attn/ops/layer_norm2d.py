@@ -110,9 +110,7 @@ _OP = _library.plug(_library.OpTable(
         limits=_native_limits),
     triton=_library.Kernels(
         forward="layer_norm2d_triton_forward", backward="layer_norm2d_triton_backward",
-        # On CPU tensors Triton is its interpreter, whose bf16 arithmetic is wrong (numpy has no
-        # bf16); the kernels compute in fp32 from any of the three on a GPU.
-        dtypes={"cpu": (torch.float32, torch.float16), "cuda": (torch.float32, torch.float16, torch.bfloat16)},
+        dtypes=_library.TRITON_DTYPES,
         launchers=triton_launchers),
 ))
 

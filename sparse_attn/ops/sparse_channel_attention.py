@@ -115,9 +115,6 @@ def _backward(ctx, backward_op, grad_out, _grad_gram, _grad_q_norm, _grad_k_norm
 # ---------------------------------------------------------------------------------------------
 # Backends
 # ---------------------------------------------------------------------------------------------
-_HALF_AND_SINGLE = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _triton_limits(q, *_):
     d = q.shape[2]
     if d > triton_launchers.MAX_D:
@@ -136,11 +133,10 @@ _OP = _library.plug(_library.OpTable(
     backward=_backward,
     native=_library.Kernels(
         forward="sparse_channel_attention_forward", backward="sparse_channel_attention_backward",
-        dtypes={"cpu": (torch.float32, torch.float64), "cuda": _HALF_AND_SINGLE + (torch.float64,)}),
+        dtypes={"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float16, torch.bfloat16, torch.float64)}),
     triton=_library.Kernels(
         forward="sparse_channel_attention_triton_forward", backward="sparse_channel_attention_triton_backward",
-        # On CPU tensors Triton is its interpreter, whose bf16 products are wrong (numpy has no bf16).
-        dtypes={"cpu": (torch.float32, torch.float16), "cuda": _HALF_AND_SINGLE},
+        dtypes=_library.TRITON_DTYPES,
         limits=_triton_limits, launchers=triton_launchers),
 ))
 
