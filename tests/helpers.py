@@ -148,3 +148,18 @@ def compiled_once(fn, backend="inductor", dynamic=True):
     counter = CompileCounterWithBackend(backend)
     yield torch.compile(fn, backend=counter, fullgraph=True, dynamic=dynamic)
     assert counter.frame_count == 1, f"compiled {counter.frame_count} times (a new size recompiled)"
+
+
+def assert_deterministic(fn, inputs, grad_out, names):
+    """``fn``'s output and gradients are bitwise the same on a second run and on one thread."""
+    first, second = forward_and_grads(fn, inputs, grad_out), forward_and_grads(fn, inputs, grad_out)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = forward_and_grads(fn, inputs, grad_out)
+    finally:
+        torch.set_num_threads(threads)
+    for run in (second, single):
+        assert torch.equal(run[0], first[0])
+        for name, a, b in zip(names, run[1:], first[1:]):
+            assert torch.equal(a, b), f"{name} differs between runs"

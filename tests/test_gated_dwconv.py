@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import sparse_attn
+from helpers import assert_deterministic
 from benchmarks.memory import saved_bytes
 from block_ops_cases import GATED_NAMES, GATED_SHAPES, assert_gated_close, gated_fn, gated_inputs
 from helpers import forward_and_grads, requires_cuda
@@ -120,17 +121,7 @@ def test_native_is_deterministic_and_independent_of_threads():
     inputs = gated_inputs((2, 10, 40, 140), torch.float32, True, "prelu")
     grad = torch.randn(2, 5, 40, 140)
     fn = gated_fn("native", "prelu")
-    first, second = forward_and_grads(fn, inputs, grad), forward_and_grads(fn, inputs, grad)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        single = forward_and_grads(fn, inputs, grad)
-    finally:
-        torch.set_num_threads(threads)
-    for run in (second, single):
-        assert torch.equal(run[0], first[0])
-        for name, a, b in zip(GATED_NAMES, run[1:], first[1:]):
-            assert torch.equal(a, b), f"{name} differs between runs"
+    assert_deterministic(fn, inputs, grad, GATED_NAMES)
 
 
 @requires_native

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import sparse_attn
+from helpers import assert_deterministic
 from benchmarks.memory import saved_bytes
 from block_ops_cases import (LAYER_NORM_NAMES, LAYER_NORM_SHAPES, assert_layer_norm_close, layer_norm_fn,
                              layer_norm_inputs)
@@ -85,17 +86,7 @@ def test_native_is_deterministic_and_independent_of_threads():
     inputs = layer_norm_inputs((2, 48, 70, 90), torch.float32)
     grad = torch.randn(2, 48, 70, 90)
     fn = layer_norm_fn("native")
-    first, second = forward_and_grads(fn, inputs, grad), forward_and_grads(fn, inputs, grad)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        single = forward_and_grads(fn, inputs, grad)
-    finally:
-        torch.set_num_threads(threads)
-    for run in (second, single):
-        assert torch.equal(run[0], first[0])
-        for name, a, b in zip(LAYER_NORM_NAMES, run[1:], first[1:]):
-            assert torch.equal(a, b), f"{name} differs between runs"
+    assert_deterministic(fn, inputs, grad, LAYER_NORM_NAMES)
 
 
 @requires_native
