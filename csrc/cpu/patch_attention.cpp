@@ -19,8 +19,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -63,7 +65,7 @@ struct Grid {  // the tiles of a rows × cols map, row-major
 };
 
 struct KeyTile {  // a tile of one level's key map; `first_key`: the key index m of the level's pixel (0, 0)
-  int64_t level, first_key;
+  int64_t level, first_key, index;  // index: its place in Problem::key_tiles
   HaloRect rect;
   int64_t key(int64_t y, int64_t x, int64_t level_cols) const { return first_key + (rect.y0 + y) * level_cols + rect.x0 + x; }
 };
@@ -86,40 +88,144 @@ void gather(const Map<T>& map, const HaloRect& r, T* out, bool pixel_major) {
 // ---------------------------------------------------------------------------------------------
 // Tile arithmetic (compiled twice on x86: portable and AVX2+FMA)
 // ---------------------------------------------------------------------------------------------
-// g[i][j] = Σ_c a[i][c] · b[c][j]: a pixel-major (na × C), b channel-major (C × nb).
+// exp(x) for the softmax: float32 by a polynomial that vectorises (Cephes' expf: range reduction
+// by ln 2 in two parts, degree-6 polynomial, within 2 ulp; below -87 it is 0); float64 by std::exp.
+inline float exp_approx(float x) {
+  if (!(x > -87.0f)) return 0.0f;
+  x = x < 88.0f ? x : 88.0f;
+  const float n = static_cast<float>(static_cast<int32_t>(x * 1.44269504088896341f + (x >= 0.0f ? 0.5f : -0.5f)));
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+inline double exp_approx(double x) { return std::exp(x); }
+
+// The float32 hot loops in GCC vector extensions (AVX2 registers in the AVX2 clone, pairs of SSE
+// registers otherwise): the compiler's own vectorisation of them was poor.
+typedef float float8 __attribute__((vector_size(32)));
+typedef int32_t int8v __attribute__((vector_size(32)));
+
+inline float8 load8(const float* p) {
+  float8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store8(float* p, float8 v) { std::memcpy(p, &v, sizeof(v)); }
+inline float8 splat8(float x) { return float8{} + x; }
+
+constexpr int64_t kRowBlock = 4, kColBlock = 16, kChannelBlock = 32;
+
+// g[i][j] = Σ_c a[i][c] · b[c][j]: a pixel-major (na × C), b channel-major (C × nb). A 4 × 16
+// block of g is accumulated in registers over the channels.
 #define PATCH_TILE_FUNCTIONS(ATTR, SUFFIX)                                                                        \
+  /* exp_approx(float) on eight lanes. */                                                                        \
+  ATTR inline float8 exp8##SUFFIX(float8 x) {                                                                    \
+    const int8v valid = x > splat8(-87.0f);                                                                      \
+    x = x < splat8(88.0f) ? x : splat8(88.0f);                                                                   \
+    x = x > splat8(-87.0f) ? x : splat8(-87.0f);                                                                 \
+    const float8 t = x * 1.44269504088896341f + (x >= splat8(0.0f) ? splat8(0.5f) : splat8(-0.5f));             \
+    const int8v ni = __builtin_convertvector(t, int8v);                                                          \
+    const float8 n = __builtin_convertvector(ni, float8);                                                        \
+    const float8 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;                                                \
+    float8 p = splat8(1.9875691500e-4f);                                                                         \
+    p = p * r + 1.3981999507e-3f;                                                                                \
+    p = p * r + 8.3334519073e-3f;                                                                                \
+    p = p * r + 4.1665795894e-2f;                                                                                \
+    p = p * r + 1.6666665459e-1f;                                                                                \
+    p = p * r + 5.0000001201e-1f;                                                                                \
+    const float8 y = p * r * r + r + 1.0f;                                                                       \
+    const float8 scale = (float8)((ni + 127) << 23);                                                             \
+    return (float8)((int8v)(y * scale) & valid);                                                                 \
+  }                                                                                                              \
+                                                                                                                 \
+  /* pixel_gram for float32: a 4 × 16 block of g in eight vector registers over the channels. */                 \
+  ATTR void pixel_gram_float##SUFFIX(const float* __restrict a, const float* __restrict b, int64_t na,           \
+                                     int64_t nb, int64_t channels, float* __restrict g) {                         \
+    int64_t i = 0;                                                                                               \
+    for (; i + 4 <= na; i += 4) {                                                                                \
+      int64_t j = 0;                                                                                             \
+      for (; j + 16 <= nb; j += 16) {                                                                            \
+        float8 acc00{}, acc01{}, acc10{}, acc11{}, acc20{}, acc21{}, acc30{}, acc31{};                           \
+        const float* __restrict a0 = a + i * channels;                                                           \
+        for (int64_t c = 0; c < channels; ++c) {                                                                 \
+          const float8 b0 = load8(b + c * nb + j), b1 = load8(b + c * nb + j + 8);                               \
+          const float8 x0 = splat8(a0[c]), x1 = splat8(a0[channels + c]), x2 = splat8(a0[2 * channels + c]),     \
+                       x3 = splat8(a0[3 * channels + c]);                                                        \
+          acc00 += x0 * b0; acc01 += x0 * b1;                                                                    \
+          acc10 += x1 * b0; acc11 += x1 * b1;                                                                    \
+          acc20 += x2 * b0; acc21 += x2 * b1;                                                                    \
+          acc30 += x3 * b0; acc31 += x3 * b1;                                                                    \
+        }                                                                                                        \
+        store8(g + i * nb + j, acc00); store8(g + i * nb + j + 8, acc01);                                        \
+        store8(g + (i + 1) * nb + j, acc10); store8(g + (i + 1) * nb + j + 8, acc11);                            \
+        store8(g + (i + 2) * nb + j, acc20); store8(g + (i + 2) * nb + j + 8, acc21);                            \
+        store8(g + (i + 3) * nb + j, acc30); store8(g + (i + 3) * nb + j + 8, acc31);                            \
+      }                                                                                                          \
+      for (; j < nb; ++j)                                                                                        \
+        for (int64_t r = 0; r < 4; ++r) {                                                                        \
+          float sum = 0.0f;                                                                                      \
+          for (int64_t c = 0; c < channels; ++c) sum += a[(i + r) * channels + c] * b[c * nb + j];               \
+          g[(i + r) * nb + j] = sum;                                                                             \
+        }                                                                                                        \
+    }                                                                                                            \
+    for (; i < na; ++i)                                                                                          \
+      for (int64_t j = 0; j < nb; ++j) {                                                                         \
+        float sum = 0.0f;                                                                                        \
+        for (int64_t c = 0; c < channels; ++c) sum += a[i * channels + c] * b[c * nb + j];                       \
+        g[i * nb + j] = sum;                                                                                     \
+      }                                                                                                          \
+  }                                                                                                              \
+                                                                                                                 \
   template <typename T>                                                                                          \
   ATTR void pixel_gram##SUFFIX(const T* __restrict a, const T* __restrict b, int64_t na, int64_t nb,             \
                                int64_t channels, T* __restrict g) {                                               \
+    if constexpr (std::is_same_v<T, float>) return pixel_gram_float##SUFFIX(a, b, na, nb, channels, g);          \
     int64_t i = 0;                                                                                               \
-    for (; i + 4 <= na; i += 4) {                                                                                \
-      T* __restrict g0 = g + i * nb;                                                                             \
-      T* __restrict g1 = g0 + nb;                                                                                \
-      T* __restrict g2 = g1 + nb;                                                                                \
-      T* __restrict g3 = g2 + nb;                                                                                \
-      for (int64_t j = 0; j < nb; ++j) g0[j] = g1[j] = g2[j] = g3[j] = T(0);                                     \
-      for (int64_t c = 0; c < channels; ++c) {                                                                   \
-        const T a0 = a[i * channels + c], a1 = a[(i + 1) * channels + c], a2 = a[(i + 2) * channels + c],        \
-                a3 = a[(i + 3) * channels + c];                                                                  \
-        const T* __restrict bc = b + c * nb;                                                                     \
-        for (int64_t j = 0; j < nb; ++j) {                                                                       \
-          const T bj = bc[j];                                                                                    \
-          g0[j] += a0 * bj;                                                                                      \
-          g1[j] += a1 * bj;                                                                                      \
-          g2[j] += a2 * bj;                                                                                      \
-          g3[j] += a3 * bj;                                                                                      \
+    for (; i + kRowBlock <= na; i += kRowBlock) {                                                                \
+      int64_t j = 0;                                                                                             \
+      for (; j + kColBlock <= nb; j += kColBlock) {                                                              \
+        T acc[kRowBlock][kColBlock] = {};                                                                        \
+        for (int64_t c = 0; c < channels; ++c) {                                                                 \
+          const T* __restrict bc = b + c * nb + j;                                                               \
+          for (int64_t r = 0; r < kRowBlock; ++r) {                                                              \
+            const T ar = a[(i + r) * channels + c];                                                              \
+            for (int64_t k = 0; k < kColBlock; ++k) acc[r][k] += ar * bc[k];                                     \
+          }                                                                                                      \
         }                                                                                                        \
+        for (int64_t r = 0; r < kRowBlock; ++r)                                                                  \
+          for (int64_t k = 0; k < kColBlock; ++k) g[(i + r) * nb + j + k] = acc[r][k];                           \
       }                                                                                                          \
+      for (; j < nb; ++j)                                                                                        \
+        for (int64_t r = 0; r < kRowBlock; ++r) {                                                                \
+          T sum = T(0);                                                                                          \
+          for (int64_t c = 0; c < channels; ++c) sum += a[(i + r) * channels + c] * b[c * nb + j];               \
+          g[(i + r) * nb + j] = sum;                                                                             \
+        }                                                                                                        \
     }                                                                                                            \
-    for (; i < na; ++i) {                                                                                        \
-      T* __restrict gi = g + i * nb;                                                                             \
-      for (int64_t j = 0; j < nb; ++j) gi[j] = T(0);                                                             \
-      for (int64_t c = 0; c < channels; ++c) {                                                                   \
-        const T ai = a[i * channels + c];                                                                        \
-        const T* __restrict bc = b + c * nb;                                                                     \
-        for (int64_t j = 0; j < nb; ++j) gi[j] += ai * bc[j];                                                    \
+    for (; i < na; ++i)                                                                                          \
+      for (int64_t j = 0; j < nb; ++j) {                                                                         \
+        T sum = T(0);                                                                                            \
+        for (int64_t c = 0; c < channels; ++c) sum += a[i * channels + c] * b[c * nb + j];                       \
+        g[i * nb + j] = sum;                                                                                     \
       }                                                                                                          \
-    }                                                                                                            \
+  }                                                                                                              \
+                                                                                                                 \
+  /* out[m] = exp(s[m] − shift) */                                                                               \
+  template <typename T>                                                                                          \
+  ATTR void exp_shifted##SUFFIX(const T* __restrict s, T shift, int64_t n, T* __restrict out) {                  \
+    int64_t m = 0;                                                                                               \
+    if constexpr (std::is_same_v<T, float>)                                                                      \
+      for (; m + 8 <= n; m += 8) store8(out + m, exp8##SUFFIX(load8(s + m) - shift));                           \
+    for (; m < n; ++m) out[m] = exp_approx(s[m] - shift);                                                        \
   }                                                                                                              \
                                                                                                                  \
   /* s[p][m] = Σ_δ g[p+δ][m+δ] over the two rectangles' interiors (p: qr, m: kr). */                            \
@@ -162,17 +268,29 @@ void gather(const Map<T>& map, const HaloRect& r, T* out, bool pixel_major) {
     }                                                                                                            \
   }                                                                                                              \
                                                                                                                  \
-  /* out[x][c] += Σ_y w[x][y] · b[y][c] (w: nx × ny; b, out pixel-major). */                                     \
+  /* out[x][c] += Σ_y w[x][y] · b[y][c] (w: nx × ny; b, out pixel-major); a block of 32 channels of */          \
+  /* out stays in registers while y runs. */                                                                     \
   template <typename T>                                                                                          \
   ATTR void product_rows##SUFFIX(const T* __restrict w, const T* __restrict b, int64_t nx, int64_t ny,           \
                                  int64_t channels, T* __restrict out) {                                           \
     for (int64_t x = 0; x < nx; ++x) {                                                                           \
-      T* __restrict ox = out + x * channels;                                                                     \
-      for (int64_t y = 0; y < ny; ++y) {                                                                         \
-        const T wy = w[x * ny + y];                                                                              \
+      const T* __restrict wx = w + x * ny;                                                                       \
+      int64_t c0 = 0;                                                                                            \
+      for (; c0 + kChannelBlock <= channels; c0 += kChannelBlock) {                                              \
+        T acc[kChannelBlock];                                                                                    \
+        for (int64_t k = 0; k < kChannelBlock; ++k) acc[k] = out[x * channels + c0 + k];                         \
+        for (int64_t y = 0; y < ny; ++y) {                                                                       \
+          const T wy = wx[y];                                                                                    \
+          if (wy == T(0)) continue;                                                                              \
+          const T* __restrict by = b + y * channels + c0;                                                        \
+          for (int64_t k = 0; k < kChannelBlock; ++k) acc[k] += wy * by[k];                                      \
+        }                                                                                                        \
+        for (int64_t k = 0; k < kChannelBlock; ++k) out[x * channels + c0 + k] = acc[k];                         \
+      }                                                                                                          \
+      for (int64_t y = 0; c0 < channels && y < ny; ++y) {                                                        \
+        const T wy = wx[y];                                                                                      \
         if (wy == T(0)) continue;                                                                                \
-        const T* __restrict by = b + y * channels;                                                               \
-        for (int64_t c = 0; c < channels; ++c) ox[c] += wy * by[c];                                              \
+        for (int64_t c = c0; c < channels; ++c) out[x * channels + c] += wy * b[y * channels + c];              \
       }                                                                                                          \
     }                                                                                                            \
   }                                                                                                              \
@@ -181,13 +299,23 @@ void gather(const Map<T>& map, const HaloRect& r, T* out, bool pixel_major) {
   template <typename T>                                                                                          \
   ATTR void product_cols##SUFFIX(const T* __restrict w, const T* __restrict b, int64_t nx, int64_t ny,           \
                                  int64_t channels, T* __restrict out) {                                           \
-    for (int64_t x = 0; x < nx; ++x) {                                                                           \
-      const T* __restrict bx = b + x * channels;                                                                 \
-      for (int64_t y = 0; y < ny; ++y) {                                                                         \
-        const T wy = w[x * ny + y];                                                                              \
-        if (wy == T(0)) continue;                                                                                \
-        T* __restrict oy = out + y * channels;                                                                   \
-        for (int64_t c = 0; c < channels; ++c) oy[c] += wy * bx[c];                                              \
+    for (int64_t y = 0; y < ny; ++y) {                                                                           \
+      int64_t c0 = 0;                                                                                            \
+      for (; c0 + kChannelBlock <= channels; c0 += kChannelBlock) {                                              \
+        T acc[kChannelBlock];                                                                                    \
+        for (int64_t k = 0; k < kChannelBlock; ++k) acc[k] = out[y * channels + c0 + k];                         \
+        for (int64_t x = 0; x < nx; ++x) {                                                                       \
+          const T wx = w[x * ny + y];                                                                            \
+          if (wx == T(0)) continue;                                                                              \
+          const T* __restrict bx = b + x * channels + c0;                                                        \
+          for (int64_t k = 0; k < kChannelBlock; ++k) acc[k] += wx * bx[k];                                      \
+        }                                                                                                        \
+        for (int64_t k = 0; k < kChannelBlock; ++k) out[y * channels + c0 + k] = acc[k];                         \
+      }                                                                                                          \
+      for (int64_t x = 0; c0 < channels && x < nx; ++x) {                                                        \
+        const T wx = w[x * ny + y];                                                                              \
+        if (wx == T(0)) continue;                                                                                \
+        for (int64_t c = c0; c < channels; ++c) out[y * channels + c] += wx * b[x * channels + c];              \
       }                                                                                                          \
     }                                                                                                            \
   }
@@ -230,7 +358,39 @@ struct Problem {
   const T* threshold;
   const int64_t* last_kept;
   bool dense() const { return topk == 0; }
+  // Every key tile's halo, gathered once (kHaloPixels × C per tile; see gather_tiles), and in the
+  // backward every query tile's pixels of q and of the output gradient.
+  std::vector<T> key_channel_tiles, key_pixel_tiles, value_channel_tiles, value_pixel_tiles;
+  std::vector<T> query_pixel_tiles, grad_pixel_tiles;
+  const T* key_channel_tile(const KeyTile& kt) const { return key_channel_tiles.data() + kt.index * kHaloPixels * q.channels; }
+  const T* key_pixel_tile(const KeyTile& kt) const { return key_pixel_tiles.data() + kt.index * kHaloPixels * q.channels; }
+  const T* value_channel_tile(const KeyTile& kt) const {
+    return value_channel_tiles.data() + kt.index * kHaloPixels * value_channels;
+  }
+  const T* value_pixel_tile(const KeyTile& kt) const { return value_pixel_tiles.data() + kt.index * kHaloPixels * value_channels; }
 };
+
+// Gathers the halos of every key tile (keys and values, pixel- or channel-major) into `out`.
+template <typename T>
+void gather_key_tiles(const Problem<T>& pr, bool values, bool pixel_major, std::vector<T>& out) {
+  const int64_t channels = values ? pr.value_channels : pr.q.channels;
+  out.resize(pr.key_tiles.size() * kHaloPixels * channels);
+  at::parallel_for(0, pr.key_tiles.size(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const KeyTile& kt = pr.key_tiles[t];
+      gather(values ? pr.values[kt.level] : pr.keys[kt.level], kt.rect, out.data() + t * kHaloPixels * channels,
+             pixel_major);
+    }
+  });
+}
+
+template <typename T>
+void gather_query_tiles(const Map<T>& map, const Grid& grid, std::vector<T>& out) {
+  out.resize(grid.count() * kHaloPixels * map.channels);
+  at::parallel_for(0, grid.count(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) gather(map, grid.rect(t), out.data() + t * kHaloPixels * map.channels, true);
+  });
+}
 
 template <typename T>
 std::vector<KeyTile> key_tiles_of(const std::vector<Map<T>>& keys) {
@@ -238,7 +398,7 @@ std::vector<KeyTile> key_tiles_of(const std::vector<Map<T>>& keys) {
   int64_t first = 0;
   for (int64_t level = 0; level < static_cast<int64_t>(keys.size()); ++level) {
     const Grid grid{keys[level].rows, keys[level].cols};
-    for (int64_t t = 0; t < grid.count(); ++t) tiles.push_back({level, first, grid.rect(t)});
+    for (int64_t t = 0; t < grid.count(); ++t) tiles.push_back({level, first, static_cast<int64_t>(tiles.size()), grid.rect(t)});
     first += keys[level].rows * keys[level].cols;
   }
   return tiles;
@@ -247,12 +407,15 @@ std::vector<KeyTile> key_tiles_of(const std::vector<Map<T>>& keys) {
 // A thread's scratch: halo gathers, the pixel products and the score tiles.
 template <typename T>
 struct Workspace {
-  std::vector<T> query_pixels, grad_pixels, key_channels, value_channels, key_pixels, value_pixels;
+  std::vector<T> query_pixels;
+  const T* query = nullptr;  // the current query tile's halo pixels of q, and of the output gradient
+  const T* grad = nullptr;
   std::vector<T> gram, value_gram, spread;
   std::vector<T> scores, probs, grad_probs;
+  int64_t tile_keys[kTilePixels];        // the key index m of each pixel of the current key tile
+  T tile_inverse_norms[kTilePixels];     // and its 1 / max(‖K_m‖, key_eps)
   Workspace(int64_t cq, int64_t cv)
-      : query_pixels(kHaloPixels * cq), grad_pixels(kHaloPixels * cv), key_channels(kHaloPixels * cq),
-        value_channels(kHaloPixels * cv), key_pixels(kHaloPixels * cq), value_pixels(kHaloPixels * cv),
+      : query_pixels(kHaloPixels * cq),
         gram(kHaloPixels * kHaloPixels), value_gram(kHaloPixels * kHaloPixels), spread(kHaloPixels * kHaloPixels),
         scores(kTilePixels * kTilePixels), probs(kTilePixels * kTilePixels), grad_probs(kTilePixels * kTilePixels) {}
 };
@@ -262,40 +425,42 @@ struct Workspace {
 template <typename T>
 void tile_scores(const Problem<T>& pr, Workspace<T>& ws, const HaloRect& qr, const KeyTile& kt) {
   const int64_t cq = pr.q.channels;
-  gather(pr.keys[kt.level], kt.rect, ws.key_channels.data(), false);
-  PATCH_CALL(pixel_gram, ws.query_pixels.data(), ws.key_channels.data(), qr.halo_size(), kt.rect.halo_size(), cq,
-             ws.gram.data());
+  PATCH_CALL(pixel_gram, ws.query, pr.key_channel_tile(kt), qr.halo_size(), kt.rect.halo_size(), cq, ws.gram.data());
   PATCH_CALL(diagonal_sums, ws.gram.data(), qr, kt.rect, ws.scores.data());
   const int64_t nk = kt.rect.rows * kt.rect.cols, level_cols = pr.keys[kt.level].cols;
   T factor[kTilePixels];
-  for (int64_t m = 0; m < nk; ++m) factor[m] = pr.scale * pr.inverse_norm[kt.key(m / kt.rect.cols, m % kt.rect.cols, level_cols)];
+  for (int64_t m = 0; m < nk; ++m) {
+    ws.tile_keys[m] = kt.key(m / kt.rect.cols, m % kt.rect.cols, level_cols);
+    ws.tile_inverse_norms[m] = pr.inverse_norm[ws.tile_keys[m]];
+    factor[m] = pr.scale * ws.tile_inverse_norms[m];
+  }
   for (int64_t p = 0; p < qr.rows * qr.cols; ++p)
     for (int64_t m = 0; m < nk; ++m) ws.scores[p * nk + m] *= factor[m];
 }
 
-// ws.probs = the attention A of the tile (0 for keys outside a query's top t), from ws.scores.
+// ws.probs = the attention A of the tile (0 for keys outside a query's top t), from ws.scores
+// (and ws.tile_keys, set by tile_scores).
 template <typename T>
 void tile_probs(const Problem<T>& pr, Workspace<T>& ws, const HaloRect& qr, const KeyTile& kt) {
-  const int64_t nk = kt.rect.rows * kt.rect.cols, level_cols = pr.keys[kt.level].cols;
+  const int64_t nk = kt.rect.rows * kt.rect.cols;
   for (int64_t p = 0; p < qr.rows * qr.cols; ++p) {
     const int64_t query = (qr.y0 + p / qr.cols) * pr.q.cols + qr.x0 + p % qr.cols;
-    const T lse = pr.lse[query];
-    for (int64_t m = 0; m < nk; ++m) {
-      const T s = ws.scores[p * nk + m];
-      const bool kept = pr.dense() ||
-                        is_kept(s, kt.key(m / kt.rect.cols, m % kt.rect.cols, level_cols), pr.threshold[query],
-                                pr.last_kept[query], false);
-      ws.probs[p * nk + m] = kept ? std::exp(s - lse) : T(0);
-    }
+    T* probs = ws.probs.data() + p * nk;
+    const T* scores = ws.scores.data() + p * nk;
+    PATCH_CALL(exp_shifted, scores, pr.lse[query], nk, probs);
+    if (pr.dense()) continue;
+    const T threshold = pr.threshold[query];
+    const int64_t last = pr.last_kept[query];
+    for (int64_t m = 0; m < nk; ++m)
+      if (!is_kept(scores[m], ws.tile_keys[m], threshold, last, false)) probs[m] = T(0);
   }
 }
 
 // ws.grad_probs = dP[p][m] = ⟨dO_p, V_m⟩ (dO's pixels gathered in ws.grad_pixels).
 template <typename T>
 void tile_grad_probs(const Problem<T>& pr, Workspace<T>& ws, const HaloRect& qr, const KeyTile& kt) {
-  gather(pr.values[kt.level], kt.rect, ws.value_channels.data(), false);
-  PATCH_CALL(pixel_gram, ws.grad_pixels.data(), ws.value_channels.data(), qr.halo_size(), kt.rect.halo_size(),
-             pr.value_channels, ws.value_gram.data());
+  PATCH_CALL(pixel_gram, ws.grad, pr.value_channel_tile(kt), qr.halo_size(), kt.rect.halo_size(), pr.value_channels,
+             ws.value_gram.data());
   PATCH_CALL(diagonal_sums, ws.value_gram.data(), qr, kt.rect, ws.grad_probs.data());
 }
 
@@ -431,6 +596,7 @@ void forward_query_tile(const Problem<T>& pr, Workspace<T>& ws, int64_t tile, T*
   const HaloRect qr = pr.query_grid.rect(tile);
   const int64_t np = qr.rows * qr.cols, cv = pr.value_channels;
   gather(pr.q, qr, ws.query_pixels.data(), true);
+  ws.query = ws.query_pixels.data();
   auto query_of = [&](int64_t p) { return (qr.y0 + p / qr.cols) * pr.q.cols + qr.x0 + p % qr.cols; };
 
   // Pass 1: each query's log-sum-exp (online), or its t best keys.
@@ -444,18 +610,20 @@ void forward_query_tile(const Problem<T>& pr, Workspace<T>& ws, int64_t tile, T*
   }
   for (const KeyTile& kt : pr.key_tiles) {
     tile_scores(pr, ws, qr, kt);
-    const int64_t nk = kt.rect.rows * kt.rect.cols, level_cols = pr.keys[kt.level].cols;
+    const int64_t nk = kt.rect.rows * kt.rect.cols;
     for (int64_t p = 0; p < np; ++p) {
       const T* s = ws.scores.data() + p * nk;
       if (pr.dense()) {
         T tile_max = row_max[p];
         for (int64_t m = 0; m < nk; ++m) tile_max = std::max(tile_max, s[m]);
+        T* exps = ws.probs.data();
+        PATCH_CALL(exp_shifted, s, tile_max, nk, exps);
         T sum = row_sum[p] * std::exp(row_max[p] - tile_max);
-        for (int64_t m = 0; m < nk; ++m) sum += std::exp(s[m] - tile_max);
+        for (int64_t m = 0; m < nk; ++m) sum += exps[m];
         row_max[p] = tile_max;
         row_sum[p] = sum;
       } else {
-        for (int64_t m = 0; m < nk; ++m) heaps[p].offer(s[m], kt.key(m / kt.rect.cols, m % kt.rect.cols, level_cols));
+        for (int64_t m = 0; m < nk; ++m) heaps[p].offer(s[m], ws.tile_keys[m]);
       }
     }
   }
@@ -489,8 +657,7 @@ void forward_query_tile(const Problem<T>& pr, Workspace<T>& ws, int64_t tile, T*
     tile_scores(pr, ws, qr, kt);
     tile_probs(pr, ws, qr, kt);
     PATCH_CALL(diagonal_spread, ws.probs.data(), qr, kt.rect, ws.spread.data());
-    gather(pr.values[kt.level], kt.rect, ws.value_pixels.data(), true);
-    PATCH_CALL(product_rows, ws.spread.data(), ws.value_pixels.data(), qr.halo_size(), kt.rect.halo_size(), cv,
+    PATCH_CALL(product_rows, ws.spread.data(), pr.value_pixel_tile(kt), qr.halo_size(), kt.rect.halo_size(), cv,
                out_buffer);
   }
 }
@@ -518,6 +685,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& q_i
       T* norms = inverse_norm.mutable_data_ptr<T>() + b * n_keys;
       inverse_norms(problems.back().keys, static_cast<T>(key_eps), norms);
       problems.back().inverse_norm = norms;
+      gather_key_tiles(problems.back(), false, false, problems.back().key_channel_tiles);
+      gather_key_tiles(problems.back(), true, true, problems.back().value_pixel_tiles);
       problems.back().lse = lse.const_data_ptr<T>() + b * n_queries;
       problems.back().threshold = threshold.const_data_ptr<T>() + b * n_queries;
       problems.back().last_kept = last_kept.const_data_ptr<int64_t>() + b * n_queries;
@@ -550,8 +719,8 @@ void backward_query_tile(const Problem<T>& pr, const Map<T>& grad_out, Workspace
                          T* dq_buffer) {
   const HaloRect qr = pr.query_grid.rect(tile);
   const int64_t np = qr.rows * qr.cols, cq = pr.q.channels;
-  gather(pr.q, qr, ws.query_pixels.data(), true);
-  gather(grad_out, qr, ws.grad_pixels.data(), true);
+  ws.query = pr.query_pixel_tiles.data() + tile * kHaloPixels * cq;
+  ws.grad = pr.grad_pixel_tiles.data() + tile * kHaloPixels * pr.value_channels;
   T delta[kTilePixels] = {};
   for (const KeyTile& kt : pr.key_tiles) {
     tile_scores(pr, ws, qr, kt);
@@ -571,16 +740,14 @@ void backward_query_tile(const Problem<T>& pr, const Map<T>& grad_out, Workspace
     tile_scores(pr, ws, qr, kt);
     tile_probs(pr, ws, qr, kt);
     tile_grad_probs(pr, ws, qr, kt);
-    const int64_t nk = kt.rect.rows * kt.rect.cols, level_cols = pr.keys[kt.level].cols;
+    const int64_t nk = kt.rect.rows * kt.rect.cols;
     // dS·scale·r_m, the gradient of ⟨Q_p, K_m⟩, spread over pixel pairs, times k.
     for (int64_t p = 0; p < np; ++p)
-      for (int64_t m = 0; m < nk; ++m) {
-        const T r = pr.inverse_norm[kt.key(m / kt.rect.cols, m % kt.rect.cols, level_cols)];
-        ws.scores[p * nk + m] = ws.probs[p * nk + m] * (ws.grad_probs[p * nk + m] - delta[p]) * pr.scale * r;
-      }
+      for (int64_t m = 0; m < nk; ++m)
+        ws.scores[p * nk + m] =
+            ws.probs[p * nk + m] * (ws.grad_probs[p * nk + m] - delta[p]) * pr.scale * ws.tile_inverse_norms[m];
     PATCH_CALL(diagonal_spread, ws.scores.data(), qr, kt.rect, ws.spread.data());
-    gather(pr.keys[kt.level], kt.rect, ws.key_pixels.data(), true);
-    PATCH_CALL(product_rows, ws.spread.data(), ws.key_pixels.data(), qr.halo_size(), kt.rect.halo_size(), cq, dq_buffer);
+    PATCH_CALL(product_rows, ws.spread.data(), pr.key_pixel_tile(kt), qr.halo_size(), kt.rect.halo_size(), cq, dq_buffer);
   }
 }
 
@@ -597,24 +764,23 @@ void backward_key_tile(const Problem<T>& pr, const Map<T>& grad_out, const T* de
   for (int64_t tile = 0; tile < pr.query_grid.count(); ++tile) {
     const HaloRect qr = pr.query_grid.rect(tile);
     const int64_t np = qr.rows * qr.cols;
-    gather(pr.q, qr, ws.query_pixels.data(), true);
-    gather(grad_out, qr, ws.grad_pixels.data(), true);
+    ws.query = pr.query_pixel_tiles.data() + tile * kHaloPixels * cq;
+    ws.grad = pr.grad_pixel_tiles.data() + tile * kHaloPixels * cv;
     tile_scores(pr, ws, qr, kt);
     tile_probs(pr, ws, qr, kt);
     tile_grad_probs(pr, ws, qr, kt);
     PATCH_CALL(diagonal_spread, ws.probs.data(), qr, kt.rect, ws.spread.data());
-    PATCH_CALL(product_cols, ws.spread.data(), ws.grad_pixels.data(), qr.halo_size(), kt.rect.halo_size(), cv, dv_buffer);
+    PATCH_CALL(product_cols, ws.spread.data(), ws.grad, qr.halo_size(), kt.rect.halo_size(), cv, dv_buffer);
     for (int64_t p = 0; p < np; ++p) {
       const T d = delta[(qr.y0 + p / qr.cols) * pr.q.cols + qr.x0 + p % qr.cols];
       for (int64_t m = 0; m < nk; ++m) {
         const T grad_score = ws.probs[p * nk + m] * (ws.grad_probs[p * nk + m] - d);
         dot[m] += grad_score * ws.scores[p * nk + m];
-        const T r = pr.inverse_norm[kt.key(m / kt.rect.cols, m % kt.rect.cols, level_cols)];
-        ws.grad_probs[p * nk + m] = grad_score * pr.scale * r;
+        ws.grad_probs[p * nk + m] = grad_score * pr.scale * ws.tile_inverse_norms[m];
       }
     }
     PATCH_CALL(diagonal_spread, ws.grad_probs.data(), qr, kt.rect, ws.spread.data());
-    PATCH_CALL(product_cols, ws.spread.data(), ws.query_pixels.data(), qr.halo_size(), kt.rect.halo_size(), cq, dk_buffer);
+    PATCH_CALL(product_cols, ws.spread.data(), ws.query, qr.halo_size(), kt.rect.halo_size(), cq, dk_buffer);
   }
   for (int64_t m = 0; m < nk; ++m) key_dot[kt.key(m / kt.rect.cols, m % kt.rect.cols, level_cols)] = dot[m];
 }
@@ -647,6 +813,11 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> backward_cpu(
       pr.threshold = threshold.const_data_ptr<T>() + b * n_queries;
       pr.last_kept = last_kept.const_data_ptr<int64_t>() + b * n_queries;
       grad_maps.push_back(Map<T>{grad_out.const_data_ptr<T>() + b * cv * n_queries, cv, q.size(2), q.size(3)});
+      gather_key_tiles(pr, false, false, pr.key_channel_tiles);
+      gather_key_tiles(pr, false, true, pr.key_pixel_tiles);
+      gather_key_tiles(pr, true, false, pr.value_channel_tiles);
+      gather_query_tiles(pr.q, pr.query_grid, pr.query_pixel_tiles);
+      gather_query_tiles(grad_maps.back(), pr.query_grid, pr.grad_pixel_tiles);
     }
     const int64_t n_keys = problems[0].n_keys;
     const Grid grid{q.size(2), q.size(3)};
