@@ -39,7 +39,7 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kTileRows = 8, kTileCols = 16;  // query and key rectangles
+constexpr int64_t kTileRows = 16, kTileCols = 16;  // query and key rectangles
 constexpr int64_t kTilePixels = kTileRows * kTileCols;
 constexpr int64_t kHaloPixels = (kTileRows + 2) * (kTileCols + 2);
 
@@ -721,19 +721,24 @@ void backward_query_tile(const Problem<T>& pr, const Map<T>& grad_out, Workspace
   const int64_t np = qr.rows * qr.cols, cq = pr.q.channels;
   ws.query = pr.query_pixel_tiles.data() + tile * kHaloPixels * cq;
   ws.grad = pr.grad_pixel_tiles.data() + tile * kHaloPixels * pr.value_channels;
-  T delta[kTilePixels] = {};
+  // D_p is a long sum whose difference with dP_pm is taken next: accumulated in double.
+  double delta_sum[kTilePixels] = {};
   for (const KeyTile& kt : pr.key_tiles) {
     tile_scores(pr, ws, qr, kt);
     tile_probs(pr, ws, qr, kt);
     tile_grad_probs(pr, ws, qr, kt);
     const int64_t nk = kt.rect.rows * kt.rect.cols;
     for (int64_t p = 0; p < np; ++p) {
-      T sum = T(0);
-      for (int64_t m = 0; m < nk; ++m) sum += ws.probs[p * nk + m] * ws.grad_probs[p * nk + m];
-      delta[p] += sum;
+      double sum = 0.0;
+      for (int64_t m = 0; m < nk; ++m) sum += double(ws.probs[p * nk + m]) * double(ws.grad_probs[p * nk + m]);
+      delta_sum[p] += sum;
     }
   }
-  for (int64_t p = 0; p < np; ++p) delta_out[(qr.y0 + p / qr.cols) * pr.q.cols + qr.x0 + p % qr.cols] = delta[p];
+  T delta[kTilePixels];
+  for (int64_t p = 0; p < np; ++p) {
+    delta[p] = static_cast<T>(delta_sum[p]);
+    delta_out[(qr.y0 + p / qr.cols) * pr.q.cols + qr.x0 + p % qr.cols] = delta[p];
+  }
 
   std::fill(dq_buffer, dq_buffer + kHaloPixels * cq, T(0));
   for (const KeyTile& kt : pr.key_tiles) {
