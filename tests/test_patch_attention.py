@@ -94,12 +94,13 @@ MULTI_TILE_SHAPE = (2, 3, 4, (19, 35), [(19, 35), (17, 31), (9, 16)])
 @pytest.mark.parametrize("backend", [pytest.param("native", marks=requires_native)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("topk", [None, 7])
-def test_backend_matches_reference_across_tiles(backend, dtype, topk):
+def test_backend_matches_reference_across_tiles(backend, dtype, topk, request):
     if dtype == torch.float32 and topk is None:
         # Known: here native's float32 q gradient is ~2.6e-4 from float64 (max |dq| ~ 42), five
         # times the float32 reference's own error; float64 and top-k agree. Not yet explained
         # (neither the approximate exp nor the order of the D_p or dq sums accounts for it).
-        pytest.xfail("native float32 dense dq: 5x the reference's float32 error on multi-tile maps (open)")
+        request.applymarker(pytest.mark.xfail(
+            strict=True, reason="native float32 dense dq: 5x the reference's float32 error on multi-tile maps (open)"))
     assert_backend_close(backend, MULTI_TILE_SHAPE, dtype, topk, zero_keys=True)
 
 
