@@ -181,8 +181,9 @@ def tiled_against_exact(name, device, crop=None):
 # One cold measurement per way, each in a fresh process: `python -m benchmarks.streaming`
 # ---------------------------------------------------------------------------------------------
 def _measure_child(name, side, backend, how, band_rows):
-    """In this process: {"peak": bytes above the baseline, "seconds", "predicted": streaming's
-    predicted peak} of one restoration of a side x side image, after a warm-up at 64² (library
+    """In this process: {"peak": bytes above the baseline, "seconds" (wall clock), "cpu_seconds"
+    (this process's CPU time: on a shared machine, with one thread, the measure of the work),
+    "predicted": streaming's predicted peak} of one restoration of a side x side image, after a warm-up at 64² (library
     initialisation, not this size's work); {"skipped": why} for a forward that cannot fit here.
     Streaming's progress bar goes to stderr."""
     import time
@@ -198,14 +199,14 @@ def _measure_child(name, side, backend, how, band_rows):
     with torch.no_grad():
         Restore(model, backend, how, band_rows, progress=False)(torch.rand(1, 3, 64, 64))
         image = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0))
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         peak = cpu_peak_bytes_here(lambda: restore(image), warmup=False)
-        seconds = time.perf_counter() - started
-    return {"peak": peak, "seconds": seconds,
+        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    return {"peak": peak, "seconds": seconds, "cpu_seconds": cpu_seconds,
             "predicted": predicted_peak_bytes(model, image.shape, image.dtype, band_rows) if how == "streaming" else None}
 
 
-CSV_FIELDS = ("model", "side", "backend", "how", "band_rows", "peak_bytes", "predicted_bytes", "seconds",
+CSV_FIELDS = ("model", "side", "backend", "how", "band_rows", "peak_bytes", "predicted_bytes", "seconds", "cpu_seconds",
               "threads", "load_average", "note")
 
 
@@ -219,6 +220,54 @@ def _append_csv(path, row):
         if new:
             writer.writeheader()
         writer.writerow(row)
+
+
+def plot_cold(csv_path, png_path):
+    """Peak memory against pixels for the three ways, from the rows of ``csv_path`` (one line per
+    network, backend and way; streaming's predicted peak dashed; a forward skipped for lack of
+    memory is named in the legend). Returns ``png_path``."""
+    import csv
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    figure, axis = plt.subplots(figsize=(8, 5.5))
+    lines, predicted, skipped = {}, {}, {}
+    for row in rows:
+        key = (row["model"], row["backend"], row["how"])
+        pixels = int(row["side"]) ** 2
+        if row["peak_bytes"]:
+            lines.setdefault(key, {})[pixels] = int(row["peak_bytes"]) / 2**20
+            if row["predicted_bytes"]:
+                predicted.setdefault(key, {})[pixels] = int(float(row["predicted_bytes"])) / 2**20
+        elif "cannot run here" in (row["note"] or ""):
+            skipped.setdefault(key, []).append(row["side"])
+    for key, points in sorted(lines.items()):
+        model, backend, how = key
+        label = f"{model} {backend} {how}" + (f" (bands of {rows_of(rows, key)})" if how == "streaming" else "")
+        if key in skipped:
+            label += f"; cannot run at {', '.join(s + '²' for s in skipped[key])}"
+        (line,) = axis.plot(*zip(*sorted(points.items())), marker="o", label=label)
+        if key in predicted:
+            axis.plot(*zip(*sorted(predicted[key].items())), linestyle="--", color=line.get_color(),
+                      label=f"{model} {backend} streaming, predicted")
+    axis.set(xscale="log", yscale="log", xlabel="pixels (H·W, square images)", ylabel="peak memory above the model (MiB)",
+             title="Whole-image forward, exact streaming and tiled (256/32) inference: CPU, fp32, batch 1")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=110)
+    plt.close(figure)
+    return png_path
+
+
+def rows_of(rows, key):
+    """The band heights of the streaming rows of ``key`` (model, backend, way), as text."""
+    heights = sorted({int(r["band_rows"]) for r in rows if (r["model"], r["backend"], r["how"]) == key and r["peak_bytes"]})
+    return "/".join(map(str, heights)) + " rows"
 
 
 def main(argv=None):
@@ -242,8 +291,14 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, help="torch threads in each run (default: torch's); on a "
                         "loaded machine one thread measures the work, several measure the contention")
     parser.add_argument("--csv", help="append one row per way to this CSV file")
+    parser.add_argument("--plot", metavar="PNG", help="only draw peak memory against pixels from --csv into PNG")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.plot:
+        if not args.csv:
+            parser.error("--plot: give the --csv file to read")
+        print(plot_cold(args.csv, args.plot))
+        return
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.child:
@@ -272,9 +327,10 @@ def main(argv=None):
             else:
                 results[how] = result
                 predicted = f" (predicted {result['predicted'] / 2**20:.1f})" if result["predicted"] else ""
-                print(f"{label} {how:9}: peak {result['peak'] / 2**20:8.1f} MiB{predicted}, {result['seconds']:7.1f} s",
-                      flush=True)
-                row.update(peak_bytes=result["peak"], predicted_bytes=result["predicted"], seconds=f"{result['seconds']:.1f}")
+                print(f"{label} {how:9}: peak {result['peak'] / 2**20:8.1f} MiB{predicted}, {result['seconds']:7.1f} s "
+                      f"({result['cpu_seconds']:.1f} s of CPU)", flush=True)
+                row.update(peak_bytes=result["peak"], predicted_bytes=result["predicted"], seconds=f"{result['seconds']:.1f}",
+                           cpu_seconds=f"{result['cpu_seconds']:.1f}")
         if args.csv:
             _append_csv(args.csv, row)
     if "streaming" in results:
@@ -283,7 +339,8 @@ def main(argv=None):
         if "forward" in results:
             forward = results["forward"]
             print(f"streaming / forward: peak {streamed['peak'] / forward['peak']:.1%}, "
-                  f"time {streamed['seconds'] / forward['seconds']:.2f}x")
+                  f"time {streamed['seconds'] / forward['seconds']:.2f}x, "
+                  f"CPU time {streamed['cpu_seconds'] / forward['cpu_seconds']:.2f}x")
 
 
 if __name__ == "__main__":
