@@ -24,9 +24,9 @@ BAND_ROWS = 64
 
 class Restore(nn.Module):
     """Runs ``model`` on ``backend`` the ``how`` way: "forward", "streaming" or "tiled"
-    (``progress``: streaming's progress bar, see ``forward_streaming``)."""
+    (``progress``: streaming's progress bar, off for timed runs; see ``forward_streaming``)."""
 
-    def __init__(self, model, backend, how, band_rows=BAND_ROWS, progress=None):
+    def __init__(self, model, backend, how, band_rows=BAND_ROWS, progress=False):
         super().__init__()
         self.model, self.backend, self.how, self.band_rows, self.progress = model, backend, how, band_rows, progress
 
