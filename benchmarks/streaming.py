@@ -222,40 +222,47 @@ def _append_csv(path, row):
         writer.writerow(row)
 
 
-def plot_cold(csv_path, png_path):
-    """Peak memory against pixels for the three ways, from the rows of ``csv_path`` (one line per
-    network, backend and way; streaming's predicted peak dashed; a forward skipped for lack of
-    memory is named in the legend). Returns ``png_path``."""
+def plot_cold(csv_path, png_path, band_rows=BAND_ROWS):
+    """Peak memory against pixels for the three ways, from the rows of ``csv_path``: one line per
+    network, backend and way measured; streaming's predicted peak (``predicted_peak_bytes``, bands
+    of ``band_rows``) dashed from 256² to 4096²; a forward skipped for lack of memory marked x at
+    its extrapolated peak. Returns ``png_path``."""
     import csv
+    import re
 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from sparse_attn.streaming import predicted_peak_bytes
+
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
-    figure, axis = plt.subplots(figsize=(8, 5.5))
-    lines, predicted, skipped = {}, {}, {}
+    figure, axis = plt.subplots(figsize=(8.5, 5.5))
+    lines, colors = {}, {}
     for row in rows:
-        key = (row["model"], row["backend"], row["how"])
-        pixels = int(row["side"]) ** 2
         if row["peak_bytes"]:
-            lines.setdefault(key, {})[pixels] = int(row["peak_bytes"]) / 2**20
-            if row["predicted_bytes"]:
-                predicted.setdefault(key, {})[pixels] = int(float(row["predicted_bytes"])) / 2**20
-        elif "cannot run here" in (row["note"] or ""):
-            skipped.setdefault(key, []).append(row["side"])
+            key = (row["model"], row["backend"], row["how"])
+            lines.setdefault(key, {})[int(row["side"]) ** 2] = int(row["peak_bytes"]) / 2**20
     for key, points in sorted(lines.items()):
         model, backend, how = key
         label = f"{model} {backend} {how}" + (f" (bands of {rows_of(rows, key)})" if how == "streaming" else "")
-        if key in skipped:
-            label += f"; cannot run at {', '.join(s + '²' for s in skipped[key])}"
         (line,) = axis.plot(*zip(*sorted(points.items())), marker="o", label=label)
-        if key in predicted:
-            axis.plot(*zip(*sorted(predicted[key].items())), linestyle="--", color=line.get_color(),
-                      label=f"{model} {backend} streaming, predicted")
+        colors[key] = line.get_color()
+    sides = (256, 512, 1024, 2048, 4096)
+    for model in sorted({m for m, _, how in lines if how == "streaming"}):
+        net = _network(model, "meta", torch.float32)
+        peaks = [predicted_peak_bytes(net, (1, 3, side, side), torch.float32, band_rows) / 2**20 for side in sides]
+        axis.plot([side ** 2 for side in sides], peaks, linestyle="--", color=colors.get((model, "native", "streaming")),
+                  label=f"{model} streaming, predicted ({band_rows} rows)")
+    for row in rows:
+        needed = re.search(r"needs about ([0-9.]+) GiB", row["note"] or "")
+        if not row["peak_bytes"] and needed:
+            axis.plot([int(row["side"]) ** 2], [float(needed.group(1)) * 2**10], marker="x", markersize=10, linestyle="",
+                      color=colors.get((row["model"], row["backend"], row["how"])),
+                      label=f"{row['model']} {row['backend']} {row['how']} at {row['side']}²: extrapolated, cannot run here")
     axis.set(xscale="log", yscale="log", xlabel="pixels (H·W, square images)", ylabel="peak memory above the model (MiB)",
-             title="Whole-image forward, exact streaming and tiled (256/32) inference: CPU, fp32, batch 1")
+             title="Whole-image forward, exact streaming, tiled (256/32): CPU, fp32, batch 1")
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=7)
     figure.tight_layout()
