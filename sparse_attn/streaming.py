@@ -418,6 +418,8 @@ def forward_streaming(net, x, band_rows=None, max_memory=None, progress=None):
             f"net: streaming runs the Restormer-family U-Net (DRSformer, Restormer, DSGformer), not "
             f"{type(net).__name__}"))
     check_feature_map(net, x, net.inp_channels)
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress: expected None, True or False, got {progress!r}")
     if x.numel() and not torch.isfinite(x).all():
         raise ValueError("x: contains non-finite values (inf or nan)")
     rows = choose_band_rows(net, x.shape, x.dtype, band_rows, max_memory)
@@ -425,8 +427,6 @@ def forward_streaming(net, x, band_rows=None, max_memory=None, progress=None):
     batch, _, height, width = x.shape
     if batch == 0:  # as forward: the levels of an empty batch would not fit
         return x.new_empty((0, net.out_channels, height, width))
-    if progress not in (None, True, False):
-        raise TypeError(f"progress: expected None, True or False, got {progress!r}")
     image = pad_to_multiple(x)
     total = band_steps(net, image.shape[-2], rows)
     description = f"{type(net).__name__} {width}x{height} streaming"
