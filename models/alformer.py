@@ -417,6 +417,19 @@ class ALformer(CheckpointMixin, nn.Module):
         """The derained image alone: ``self(x_img)[0]``."""
         return self(x_img)[0]
 
+    # Why there is no exact row-band inference (sparse_attn.streaming) for this network.
+    streaming_unsupported = (
+        "ALformer has no exact streaming inference: its 13 channel attentions would stream (their Gram "
+        "matrices are sums over pixels), but its 41 squeeze-and-excitation gates (CALayer) each scale a map by "
+        "its mean over the whole image, nested inside fusion and channel-attention blocks and fed by 4x "
+        "bilinear resamplings across three levels, so every gate needs a whole-image pass of its own with "
+        "its input held; sparse_attn.streaming schedules the Restormer-family U-Net only. Run forward "
+        "(its widest maps are 48 channels at half resolution) or tiled inference (approximate)")
+
+    def forward_streaming(self, x_img, band_rows=None, max_memory=None, progress=None):
+        """Not available: raises NotImplementedError saying why (see ``streaming_unsupported``)."""
+        raise NotImplementedError(self.streaming_unsupported)
+
     def extra_repr(self):
         return f"n_feat={self.n_feat}, topk={self.topk}, degradation_mask={self.degradation_mask}"
 

@@ -146,12 +146,12 @@ class RestorationUNet(CheckpointMixin, nn.Module):
             return inp_img.new_empty((0, self.out_channels, h, w))
         return self._forward_padded(pad_to_multiple(inp_img))[..., :h, :w]
 
-    def forward_streaming(self, x, band_rows=None, max_memory=None):
+    def forward_streaming(self, x, band_rows=None, max_memory=None, progress=None):
         """``self(x)`` computed in row bands, in memory bounded whatever the image size (no
         gradients): see :func:`sparse_attn.streaming.forward_streaming` for the arguments."""
         from sparse_attn.streaming import forward_streaming  # sparse_attn.streaming imports this module
 
-        return forward_streaming(self, x, band_rows=band_rows, max_memory=max_memory)
+        return forward_streaming(self, x, band_rows=band_rows, max_memory=max_memory, progress=progress)
 
     def _forward_padded(self, inp_img):
         inp_enc_level1 = self.patch_embed(inp_img)

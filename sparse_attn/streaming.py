@@ -24,8 +24,11 @@ gates DRSformer's MEFC experts). So the whole image runs exactly in row bands:
 
 The result equals ``net(x)`` up to floating-point summation order.
 """
+import contextlib
+import contextvars
 import math
 import numbers
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -46,9 +49,21 @@ class MemoryBudgetError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # Bands and local walks
 # ---------------------------------------------------------------------------------------------
+class _NoProgress:
+    def update(self, n=1):
+        pass
+
+
+_PROGRESS = contextvars.ContextVar("streaming progress", default=_NoProgress())
+
+
 def _bands(height, rows):
-    """(start, stop) of the row bands of a map ``height`` rows high."""
-    return [(start, min(start + rows, height)) for start in range(0, height, rows)]
+    """(start, stop) of the row bands of a map ``height`` rows high; each band the caller is
+    done with counts one step on the run's progress bar."""
+    progress = _PROGRESS.get()
+    for start in range(0, height, rows):
+        yield start, min(start + rows, height)
+        progress.update(1)
 
 
 def _with_halo(height, start, stop, halo):
@@ -344,7 +359,39 @@ def choose_band_rows(net, shape, dtype, band_rows=None, max_memory=None):
     return max(least, alignment * math.ceil(DEFAULT_BAND_ROWS / alignment))
 
 
-def forward_streaming(net, x, band_rows=None, max_memory=None):
+def _walks(stage):
+    """Band walks a stage makes over its level's map: three per transformer block (pass 1, pass 2,
+    the feed-forward), one per MEFC gate group's preprocessing and one per expert layer."""
+    if stage is None:
+        return 0
+    if isinstance(stage, nn.Sequential):
+        return 3 * len(stage)
+    return sum(1 + len(group._ops) for group in stage.layers[1::2])
+
+
+def band_steps(net, height, rows):
+    """Bands ``forward_streaming`` walks on an input ``height`` rows high (padded) with bands of
+    ``rows`` (the progress bar's total): every stage's walks, the embedding, the three
+    down-samplings, the two merges, the last up-sampling and the output."""
+    def bands(level):
+        return math.ceil((height >> level) / rows)
+    stages = sum(_walks(stage) * bands(level) for stage, level, _ in _stages(net))
+    return stages + 3 * bands(0) + bands(1) + bands(2) + bands(3) + bands(2) + bands(1)
+
+
+def _progress_bar(progress, total, description):
+    """A tqdm bar of ``total`` bands: shown when ``progress`` is True; when it is None, shown on
+    a terminal only, and only once the run has taken two seconds; never when False."""
+    if progress is False:
+        return contextlib.nullcontext(_NoProgress())
+    from tqdm import tqdm
+
+    auto = progress is None
+    return tqdm(total=total, desc=description, unit="band", leave=not auto, file=sys.stderr,
+                disable=None if auto else False, delay=2 if auto else 0)
+
+
+def forward_streaming(net, x, band_rows=None, max_memory=None, progress=None):
     """``net(x)`` for a Restormer-family U-Net (see :class:`~sparse_attn.models.common.RestorationUNet`),
     computed in row bands so that memory stays bounded whatever the image size; no gradients.
 
@@ -358,21 +405,37 @@ def forward_streaming(net, x, band_rows=None, max_memory=None):
         max_memory: a budget in bytes for the predicted peak (the kept maps and one band's working
             set): the band height is the largest that fits. A MemoryBudgetError says when even
             the narrowest bands do not.
+        progress: a tqdm bar of the bands walked (on stderr): None shows it on a terminal for
+            runs longer than two seconds, True always, False never.
 
     Returns:
         (B, out_channels, H, W): the same as ``net(x)`` up to floating-point summation order.
     """
+    from .models.common import RestorationUNet, pad_to_multiple
+
+    if not isinstance(net, RestorationUNet):
+        raise NotImplementedError(getattr(net, "streaming_unsupported", None) or (
+            f"net: streaming runs the Restormer-family U-Net (DRSformer, Restormer, DSGformer), not "
+            f"{type(net).__name__}"))
     check_feature_map(net, x, net.inp_channels)
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress: expected None, True or False, got {progress!r}")
     if x.numel() and not torch.isfinite(x).all():
         raise ValueError("x: contains non-finite values (inf or nan)")
     rows = choose_band_rows(net, x.shape, x.dtype, band_rows, max_memory)
-    from .models.common import pad_to_multiple
 
     batch, _, height, width = x.shape
     if batch == 0:  # as forward: the levels of an empty batch would not fit
         return x.new_empty((0, net.out_channels, height, width))
-    with torch.no_grad():
-        return _unet(net, pad_to_multiple(x), rows)[..., :height, :width]
+    image = pad_to_multiple(x)
+    total = band_steps(net, image.shape[-2], rows)
+    description = f"{type(net).__name__} {width}x{height} streaming"
+    with torch.no_grad(), _progress_bar(progress, total, description) as bar:
+        token = _PROGRESS.set(bar)
+        try:
+            return _unet(net, image, rows)[..., :height, :width]
+        finally:
+            _PROGRESS.reset(token)
 
 
 def _unet(net, image, rows):

@@ -167,3 +167,35 @@ def test_every_sweep_builds_its_cases_and_covers_the_targets():
     assert ("LayerNorm (WithBias)", "B1 C48 256x256") in shapes and ("GDFN core (gelu)", "B1 C254 256x256") in shapes
     assert ("Restormer train step", "B1 3x128x128") in shapes
     assert ("DRSformer full image", "B1 3x1024x1024") in shapes
+
+
+def test_streaming_benchmark_skips_a_forward_that_cannot_fit(monkeypatch):
+    """A whole-image forward whose extrapolated peak exceeds 80% of the memory available is not
+    run (on a shared machine it would take others' memory): the reason names both figures."""
+    from benchmarks import streaming
+    from sparse_attn.models import Restormer
+
+    net = Restormer(dim=8, num_blocks=(1, 1, 1, 1), heads=(1, 2, 4, 8), num_refinement_blocks=1).eval()
+    monkeypatch.setattr("sparse_attn.cli.restore.available_bytes", lambda device: 2**30)
+    assert streaming.forward_cannot_fit(net, "reference", 64, "cpu") is None
+    reason = streaming.forward_cannot_fit(net, "reference", 8192, "cpu")
+    assert reason is not None and "GiB, 1.0 GiB is available: it cannot run here" in reason
+
+
+def test_streaming_cold_runs_plot_from_their_csv(tmp_path):
+    """The peak-against-pixels plot reads the cold-run CSV: measured lines, streaming's predicted
+    line, and a forward that could not run named in the legend."""
+    from benchmarks import streaming
+
+    path = tmp_path / "cold.csv"
+    rows = [dict(model="DRSformer", side=side, backend="native", how=how, band_rows=64 if how == "streaming" else "",
+                 peak_bytes=peak, predicted_bytes=2 * peak if how == "streaming" else "", note="")
+            for side, how, peak in ((256, "forward", 400 * 2**20), (512, "forward", 1600 * 2**20),
+                                    (256, "streaming", 100 * 2**20), (512, "streaming", 300 * 2**20))]
+    rows.append(dict(model="DRSformer", side=2048, backend="native", how="forward", peak_bytes="",
+                     note="forward at 2048x2048 needs about 26.0 GiB, 3.4 GiB is available: it cannot run here"))
+    for row in rows:
+        streaming._append_csv(path, row)
+    png = streaming.plot_cold(path, tmp_path / "cold.png")
+    assert png.stat().st_size > 10_000
+    assert list(csv.DictReader(path.open()))[-1]["how"] == "forward"

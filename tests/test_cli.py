@@ -441,3 +441,8 @@ def test_a_too_large_image_streams_where_the_network_can():
     assert reason is None and torch.equal(forward(image), net(image)) and net.budget == int(0.8 * 2**30)
     forward, reason = whole_image_forward(PixelwiseNet(), 2**31, 2**30, cpu)
     assert forward is None and "needs about 2.0 GB, 1.0 GB is available on cpu" in reason
+
+    class CannotStream(Streaming):  # as ALformer: the method exists and says why it cannot run
+        streaming_unsupported = "its gates pool the whole image"
+    forward, reason = whole_image_forward(CannotStream(), 2**31, 2**30, cpu)
+    assert forward is None and "available on cpu and CannotStream cannot stream; use --tile" in reason

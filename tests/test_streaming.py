@@ -14,7 +14,7 @@ import torch
 
 import sparse_attn
 from sparse_attn import streaming
-from sparse_attn.models import DRSformer, DSGformer, Restormer
+from sparse_attn.models import ALformer, DRSformer, DSGformer, Restormer
 
 from model_cases import BACKENDS, runs, skip_unless_runs
 
@@ -187,3 +187,47 @@ def test_empty_batch_as_forward():
     x = torch.rand(0, 3, 16, 12)
     with torch.no_grad():
         assert net.forward_streaming(x).shape == net(x).shape == (0, 3, 16, 12)
+
+
+def test_progress_bar_counts_every_band(capsys):
+    """progress=True: a bar on stderr that ends at the number of bands walked (band_steps, so a
+    walk added to the schedule but not to the count fails); False, and None when stderr is not a
+    terminal (as under pytest): nothing."""
+    net = build("drsformer", torch.float32)
+    x = torch.rand(1, 3, 13, 12)
+    total = streaming.band_steps(net, 16, 8)
+    # 16 padded rows in bands of 8: 2, 1, 1 and 1 bands at levels 1 to 4. Three walks per block
+    # (one block per level), the two MEFCs' gate group and 4 expert layers at level 1, the
+    # embedding, last up-sampling and output at level 1, three down-samplings and two merges.
+    assert total == 3 * (2 + 1 + 1 + 1 + 1 + 1 + 2) + 2 * (1 + 4) * 2 + 3 * 2 + (1 + 1 + 1) + (1 + 1)
+    with torch.no_grad():
+        net.forward_streaming(x, band_rows=8, progress=True)
+        assert f"{total}/{total}" in capsys.readouterr().err
+        for quiet in (False, None):
+            net.forward_streaming(x, band_rows=8, progress=quiet)
+            assert capsys.readouterr().err == ""
+    with pytest.raises(TypeError, match="progress"):
+        net.forward_streaming(x, progress="yes")
+
+
+def test_alformer_refuses_saying_why():
+    """ALformer's squeeze-and-excitation gates have no band rule: a NotImplementedError that names
+    them, from the method and from the module function alike; other modules are refused too."""
+    net = ALformer(n_feat=8).eval()
+    x = torch.rand(1, 3, 32, 32)
+    with pytest.raises(NotImplementedError, match="squeeze-and-excitation gates"):
+        net.forward_streaming(x)
+    with pytest.raises(NotImplementedError, match="squeeze-and-excitation gates"):
+        streaming.forward_streaming(net, x)
+    with pytest.raises(NotImplementedError, match="not Conv2d"):
+        streaming.forward_streaming(torch.nn.Conv2d(3, 3, 1), x)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["DRSformer", "Restormer"])
+def test_default_networks_equal_forward(name):
+    """The default configurations (dim 48, the official depths and heads), float32, 70x52 in bands
+    of 16 rows: the full-width channel counts and every level's block count."""
+    torch.manual_seed(0)
+    net = getattr(sparse_attn.models, name)().eval()
+    compare(net, torch.rand(1, 3, 70, 52), "auto", [16])

@@ -143,10 +143,14 @@ def whole_image_forward(net, needed, available, device):
     ``forward_streaming``; else (None, why not, with the memory needed)."""
     if needed <= 0.9 * available:
         return net, None
-    if hasattr(net, "forward_streaming"):
+    if hasattr(net, "forward_streaming") and not getattr(net, "streaming_unsupported", None):
         return functools.partial(net.forward_streaming, max_memory=int(0.8 * available)), None
     return None, (f"whole-image inference needs about {needed / 2**30:.1f} GB, {available / 2**30:.1f} GB is "
-                  f"available on {device}; use --tile 512 (approximate) or a smaller image")
+                  f"available on {device}{_no_streaming(net)}; use --tile 512 (approximate) or a smaller image")
+
+
+def _no_streaming(net):
+    return f" and {type(net).__name__} cannot stream" if getattr(net, "streaming_unsupported", None) else ""
 
 
 def _refusal(target, inputs, written):
