@@ -136,6 +136,25 @@ def _backward(ctx, backward_op, grad_out, _grad_lse):
 # ---------------------------------------------------------------------------------------------
 # Backends
 # ---------------------------------------------------------------------------------------------
+def _native_limits(q, k, v, key_blocks, region_h, region_w, scale):
+    """The CUDA kernels: one thread per pixel of a region, each holding up to 64 channels, and a
+    region's staged tiles in 48 KB of shared memory; B·heads in the grid's second dimension."""
+    if q.device.type != "cuda":
+        return None
+    batch, heads, d, _, _ = q.shape
+    pixels = region_h * region_w
+    element = 8 if q.dtype == torch.float64 else 4
+    if d > 64:
+        return f"its CUDA kernels take at most 64 channels per head, got d = {d}"
+    if pixels > 1024:
+        return f"its CUDA kernels take regions of at most 1024 pixels (threads), got {region_h} x {region_w}"
+    if (2 * pixels * d + 2 * pixels) * element > 48 * 1024:
+        return f"its CUDA kernels stage a region in 48 KB of shared memory: {region_h} x {region_w} pixels x {d} channels do not fit"
+    if batch * heads >= 65536:
+        return f"its CUDA kernels take B * heads below 65536, got {batch * heads}"
+    return None
+
+
 def _triton_limits(q, k, v, key_blocks, region_h, region_w, scale):
     d, pixels = q.shape[2], region_h * region_w
     if d > triton_launchers.MAX_D:
@@ -157,7 +176,9 @@ _OP = _library.plug(_library.OpTable(
     backward=_backward,
     native=_library.Kernels(
         forward="block_sparse_attention_forward", backward="block_sparse_attention_backward",
-        dtypes={"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64)}),
+        dtypes={"cpu": (torch.float32, torch.float64),
+                "cuda": (torch.float32, torch.float16, torch.bfloat16, torch.float64)},
+        limits=_native_limits),
     triton=_library.Kernels(
         forward="block_sparse_attention_triton_forward", backward="block_sparse_attention_triton_backward",
         dtypes=_library.TRITON_DTYPES,
