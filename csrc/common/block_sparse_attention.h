@@ -33,6 +33,16 @@ struct RegionGeometry {
   SA_HOST_DEVICE int64_t offset(int64_t r, int64_t i) const { return row_offset(r, i / region_w) + i % region_w; }
 };
 
+// exp of the library's math headers, as a function object for the helpers below (the CPU kernels
+// pass their vectorisable float exponential instead).
+struct StandardExp {
+  template <typename T>
+  SA_HOST_DEVICE T operator()(T x) const {
+    using std::exp;
+    return exp(x);
+  }
+};
+
 // α of the online softmax: how much the running sums shrink when the running maximum rises from
 // `old_max` to `new_max` (0 before the first block, whose running maximum is −∞).
 template <typename T, typename Exp>
