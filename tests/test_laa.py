@@ -20,6 +20,15 @@ from sparse_attn.nn import RegionSelectionAttention
 BACKENDS = sparse_attn.backends.available("cpu")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small maps on a shared machine: OpenMP threads waiting on each other dominate."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------------------------
 # The module, computed densely
 # ---------------------------------------------------------------------------------------------
@@ -329,11 +338,22 @@ def train_face_sr(net, targets, steps, lr):
         return losses[0], losses[-1], psnr(net(lows), targets), psnr(bicubic, targets)
 
 
-def test_training_on_face_crops_beats_bicubic():
+def check_face_sr_training(size, count, steps):
     torch.manual_seed(0)
     net = LAATransformer(**SMALL)
-    first, last, ours, bicubic = train_face_sr(net, face_crops(6, 64), steps=30, lr=2e-3)
-    print(f"\nx8 face SR, 6 crops 64x64, 30 steps: L1 {first:.4f} -> {last:.4f}; "
+    first, last, ours, bicubic = train_face_sr(net, face_crops(count, size), steps=steps, lr=1e-3)
+    print(f"\nx8 face SR, {count} crops {size}x{size}, {steps} steps: L1 {first:.4f} -> {last:.4f}; "
           f"PSNR {ours:.2f} dB vs bicubic {bicubic:.2f} dB")
-    assert last < 0.8 * first
-    assert ours > bicubic
+    assert last < 0.9 * first
+    assert ours > bicubic + 0.25
+
+
+def test_training_on_face_crops_beats_bicubic():
+    """4x4 -> 32x32: small enough for the fast tier on two shared cores (about half a minute)."""
+    check_face_sr_training(size=32, count=6, steps=80)
+
+
+@pytest.mark.slow
+def test_training_on_larger_face_crops_beats_bicubic():
+    """8x8 -> 64x64."""
+    check_face_sr_training(size=64, count=6, steps=120)
