@@ -19,6 +19,9 @@ et al., CVPR 2023), and each choice is a constructor argument:
   of its region's selected key regions: :func:`sparse_attn.block_sparse_attention`;
 - coarse and fine are combined (``combine``): "sum", or "gate", a learnable per-channel mix
   ``sigmoid(g)·fine + (1 - sigmoid(g))·coarse`` (g starts at 0, an even mix);
+- the text can also be read as the primary attention choosing *which query regions* get
+  refined; we follow the routing reading (every query region refined, over chosen key regions),
+  which keeps the work per region fixed;
 - q, k, v come from a 1x1 convolution and a 3x3 depthwise one, and the result goes through a 1x1
   ``project_out``, as in Restormer's attention (same parameter names).
 
