@@ -72,6 +72,11 @@ def op_fn(backend, key_blocks, region, scale=None):
     return lambda q, k, v: sparse_attn.block_sparse_attention(q, k, v, key_blocks, region, scale, backend=backend)
 
 
+# In float64 (where the truth's own error is 0 by definition) the kernels sum dq over t·P keys block
+# by block, the truth over all N pixels at once: a floor of 64 ulps of the largest value.
+_FLOOR_ULPS = {torch.float64: 64}
+
+
 def assert_matches_dense(backend, case, dtype, device="cpu", scale=None, transform=None):
     """The backend in ``dtype`` against the dense masked attention in float64: out and the
     gradients of q, k and v. ``transform`` may make the inputs non-contiguous."""
@@ -80,4 +85,5 @@ def assert_matches_dense(backend, case, dtype, device="cpu", scale=None, transfo
         q, k, v = (transform(t) for t in (q, k, v))
     region = case[5]
     truth = lambda q, k, v: dense_masked_attention(q, k, v, key_blocks, region, scale)  # noqa: E731
-    assert_matches_float64_reference(op_fn(backend, key_blocks, region, scale), truth, [q, k, v], dtype, NAMES)
+    assert_matches_float64_reference(op_fn(backend, key_blocks, region, scale), truth, [q, k, v], dtype, NAMES,
+                                     floor_ulps=_FLOOR_ULPS)

@@ -18,7 +18,10 @@ import torch
 from ..reference import block_sparse_attention as reference_block_sparse_attention
 from . import _library
 
-triton_launchers = None  # the Triton kernels are not written yet
+try:
+    from ..kernels import block_sparse_attention as triton_launchers
+except ImportError:  # no Triton here: the backend says so when asked for
+    triton_launchers = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,6 +136,16 @@ def _backward(ctx, backward_op, grad_out, _grad_lse):
 # ---------------------------------------------------------------------------------------------
 # Backends
 # ---------------------------------------------------------------------------------------------
+def _triton_limits(q, k, v, key_blocks, region_h, region_w, scale):
+    d, pixels = q.shape[2], region_h * region_w
+    if d > triton_launchers.MAX_D:
+        return f"its kernels take at most {triton_launchers.MAX_D} channels per head, got d = {d}"
+    if pixels > triton_launchers.MAX_PIXELS:
+        return (f"its kernels take regions of at most {triton_launchers.MAX_PIXELS} pixels, "
+                f"got {region_h} x {region_w}")
+    return None
+
+
 _OP = _library.plug(_library.OpTable(
     name="block_sparse_attention",
     arguments=_check_arguments,
@@ -145,6 +158,10 @@ _OP = _library.plug(_library.OpTable(
     native=_library.Kernels(
         forward="block_sparse_attention_forward", backward="block_sparse_attention_backward",
         dtypes={"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64)}),
+    triton=_library.Kernels(
+        forward="block_sparse_attention_triton_forward", backward="block_sparse_attention_triton_backward",
+        dtypes=_library.TRITON_DTYPES,
+        limits=_triton_limits, launchers=triton_launchers),
 ))
 
 
