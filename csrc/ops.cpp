@@ -71,6 +71,19 @@ TORCH_LIBRARY(sparse_attn, m) {
       "Tensor key_inverse_norm, Tensor lse, Tensor threshold, Tensor last_kept, float scale, int topk, "
       "float key_eps) -> (Tensor grad_q, Tensor[] grad_keys, Tensor[] grad_values)");
 
+  // Block-sparse region attention (DESIGN.md §4). q, k, v: (B, heads, d, H, W), H and W multiples of
+  // the region; key_blocks: (B, heads, R, t) int64, the key regions (row-major p_h x p_w tiles) each
+  // query region reads. Besides `out` it returns what backward needs: the log-sum-exp of every
+  // query pixel's scores, (B, heads, H, W) in the accumulation dtype (float64 for float64, else
+  // float32). The backward returns the gradients of q, k and v.
+  m.def(
+      "block_sparse_attention_forward(Tensor q, Tensor k, Tensor v, Tensor key_blocks, int region_h, "
+      "int region_w, float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "block_sparse_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor key_blocks, int region_h, int region_w, float scale) "
+      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+
   // The constants the kernels and the Python side share, for the tests to compare (csrc/encodings.cpp).
   m.def("encoding(str name, int size) -> int[]");
 }

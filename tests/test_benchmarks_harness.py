@@ -167,6 +167,7 @@ def test_every_sweep_builds_its_cases_and_covers_the_targets():
     assert ("LayerNorm (WithBias)", "B1 C48 256x256") in shapes and ("GDFN core (gelu)", "B1 C254 256x256") in shapes
     assert ("Restormer train step", "B1 3x128x128") in shapes
     assert ("DRSformer full image", "B1 3x1024x1024") in shapes
+    assert ("block-sparse region attention", "B1 heads1 d16 128x128 t=R/4") in shapes
 
 
 def test_streaming_benchmark_skips_a_forward_that_cannot_fit(monkeypatch):

@@ -88,6 +88,7 @@ def test_every_kernel_module_lists_configurations():
     assert "sparse_attn.kernels.mixed_scale_dwconv" in modules
     assert "sparse_attn.kernels.layer_norm2d" in modules
     assert "sparse_attn.kernels.gated_dwconv" in modules
+    assert "sparse_attn.kernels.block_sparse_attention" in modules
     assert CASES
 
 
