@@ -7,7 +7,8 @@ from .gated_dconv_ffn import GatedDconvFFN
 from .multi_input_attention import MultiInputAttention, MultiInputTransformerBlock
 from .norm import LayerNorm2d
 from .prelu_gated_ffn import PReLUGatedFFN
+from .pyramid_attention import PyramidAttention
 
 __all__ = ["ChannelAttentionBase", "TopKChannelAttention", "ChannelAttention", "drsformer_topk", "MixedScaleFFN",
            "GatedDconvFFN", "LayerNorm2d", "DeepSparseAttention", "FrequencyGatedFFN",
-           "MultiInputAttention", "MultiInputTransformerBlock", "PReLUGatedFFN"]
+           "MultiInputAttention", "MultiInputTransformerBlock", "PReLUGatedFFN", "PyramidAttention"]
