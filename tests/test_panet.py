@@ -372,3 +372,37 @@ def test_default_parameter_counts(build, count):
     with torch.device("meta"):
         model = build()
     assert sum(p.numel() for p in model.parameters()) == count
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmarks' official baseline (benchmarks/official.py)
+# ---------------------------------------------------------------------------------------------
+@needs_fixtures
+def test_benchmark_official_module_reproduces_the_fixture():
+    from benchmarks import official
+
+    fixture = load_fixture(ATTENTION_FIXTURE)
+    module = official.PyramidAttention(**fixture["config"]).double()
+    module.load_state_dict(fixture["state_dict"], strict=True)
+    x = fixture["input"].clone().requires_grad_()
+    out = module(x)
+    assert (out - fixture["output"]).abs().max().item() <= FLOAT64_TOLERANCE
+    grad, = torch.autograd.grad((out * fixture["loss_weight"]).sum(), x)
+    assert (grad - fixture["grads"]["input"]).abs().max().item() <= FLOAT64_TOLERANCE
+
+
+def test_forward_chop_tiles_as_the_official_trainer():
+    from benchmarks import official
+
+    shapes = []
+
+    def model(tile):
+        shapes.append(tuple(tile.shape[-2:]))
+        return tile * 2
+
+    x = torch.randn(1, 3, 256, 256)
+    assert torch.equal(official.forward_chop(model, x), x * 2)  # each pixel from the tile that owns it
+    assert shapes == [(79, 79)] * 16
+    shapes.clear()
+    official.forward_chop(model, torch.randn(1, 3, 37, 50))
+    assert shapes == [(28, 35)] * 4
