@@ -91,6 +91,14 @@ class _PyramidNetwork(CheckpointMixin, nn.Module):
     def _check_input(self, x):
         check_feature_map(self, x, self.n_colors)
 
+    @classmethod
+    def config_from_state_dict(cls, state_dict):
+        """The constructor arguments that a checkpoint's keys and shapes tell: n_resblocks,
+        n_feats, n_colors (and PAEDSR's scale)."""
+        head = state_dict["head.0.weight"]
+        blocks = {key.split(".")[1] for key in state_dict if key.startswith("body.") and ".body.0.weight" in key}
+        return {"n_resblocks": len(blocks), "n_feats": head.shape[0], "n_colors": head.shape[1]}
+
     def _config_summary(self):
         return f"n_resblocks={self.n_resblocks}, n_feats={self.n_feats}, n_colors={self.n_colors}"
 
@@ -170,6 +178,15 @@ class PAEDSR(_PyramidNetwork):
         self.body = nn.Sequential(*half, self.msa, *other_half, default_conv(n_feats, n_feats, KERNEL_SIZE))
         self.tail = nn.Sequential(Upsampler(scale, n_feats),
                                   nn.Conv2d(n_feats, n_colors, KERNEL_SIZE, padding=KERNEL_SIZE // 2))
+
+    upscales = True  # the command line's jobs restore at the input size: PAEDSR is for the Python API
+
+    @classmethod
+    def config_from_state_dict(cls, state_dict):
+        config = super().config_from_state_dict(state_dict)
+        upsampler = [v for k, v in state_dict.items() if k.startswith("tail.0.") and k.endswith(".weight")]
+        config["scale"] = 3 if upsampler[0].shape[0] == 9 * config["n_feats"] else 2 ** len(upsampler)
+        return config
 
     def forward(self, x):
         """(B, 3, H, W) in [0, rgb_range] -> (B, 3, scale·H, scale·W)."""

@@ -406,3 +406,32 @@ def test_forward_chop_tiles_as_the_official_trainer():
     shapes.clear()
     official.forward_chop(model, torch.randn(1, 3, 37, 50))
     assert shapes == [(28, 35)] * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line (sparse_attn/cli/networks.py)
+# ---------------------------------------------------------------------------------------------
+def test_cli_recognises_a_panet_checkpoint_and_its_configuration(tmp_path):
+    from sparse_attn.cli import networks
+
+    source = _randomise(PANet(n_resblocks=4, n_feats=8, n_colors=1))  # a compression-artefact PANet
+    path = tmp_path / "model_best.pt"
+    torch.save(source.state_dict(), path)
+    loaded = networks.load(None, str(path))
+    assert type(loaded) is PANet and (loaded.n_resblocks, loaded.n_feats, loaded.n_colors) == (4, 8, 1)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in source.state_dict().items())
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_cli_refuses_paedsr_and_its_keys_tell_its_configuration(scale, tmp_path):
+    from sparse_attn.cli import networks
+    from sparse_attn.cli.errors import CliError
+
+    net = PAEDSR(n_resblocks=2, n_feats=16, scale=scale)
+    assert PAEDSR.config_from_state_dict(net.state_dict()) == dict(n_resblocks=2, n_feats=16, n_colors=3, scale=scale)
+    with pytest.raises(CliError, match="PAEDSR is a super-resolution network"):
+        networks.network_class("paedsr")
+    path = tmp_path / "paedsr.pt"
+    torch.save(net.state_dict(), path)
+    with pytest.raises(CliError, match="PAEDSR is a super-resolution network"):
+        networks.load(None, str(path))
