@@ -2,6 +2,7 @@
 from .gated_dwconv import gated_dwconv
 from .layer_norm2d import layer_norm2d
 from .mixed_scale_dwconv import mixed_scale_dwconv
+from .patch_attention import patch_attention
 from .sparse_channel_attention import sparse_channel_attention
 
-__all__ = ["sparse_channel_attention", "mixed_scale_dwconv", "layer_norm2d", "gated_dwconv"]
+__all__ = ["sparse_channel_attention", "mixed_scale_dwconv", "layer_norm2d", "gated_dwconv", "patch_attention"]
