@@ -14,7 +14,7 @@ from sparse_attn.models.checkpoint import CheckpointError
 from sparse_attn.nn import PyramidAttention
 from sparse_attn.ops.patch_attention import patch_attention
 
-from helpers import FLOOR_ULPS, why_not
+from helpers import FLOOR_ULPS, compiled_once, why_not
 from test_models import load_fixture, needs_fixtures
 
 BACKENDS = sparse_attn.backends.available("cpu")
@@ -146,6 +146,27 @@ def test_module_matches_the_official_formula_on_odd_sizes(backend, batch, h, w):
     expected = _plain_pyramid_attention(module, x)
     tolerance = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(module(x), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_topk_beyond_the_number_of_keys_is_the_dense_softmax():
+    dense = _randomise(PyramidAttention(channel=4, reduction=1)).double()
+    kept = PyramidAttention(channel=4, reduction=1, topk=1000).double()
+    kept.load_state_dict(dense.state_dict())
+    x = torch.randn(1, 4, 3, 4, dtype=torch.float64)  # 12 + 6 + 6 + 4 + 2 = 30 key patches
+    torch.testing.assert_close(kept(x), dense(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_module_compiles_without_graph_breaks_or_recompiles(backend):
+    """torch.compile(fullgraph=True, dynamic=True): one graph for two sizes (the pyramid's level
+    sizes stay symbolic). The reference backend is left out: its loop over query chunks
+    specialises on the number of pixels."""
+    skip_unless_runs(backend, torch.float32)
+    module = _randomise(PyramidAttention(channel=4, reduction=1, backend=backend))
+    with compiled_once(module, backend="aot_eager") as compiled:
+        for h, w in [(7, 9), (10, 6)]:
+            x = torch.randn(2, 4, h, w)
+            torch.testing.assert_close(compiled(x), module(x), rtol=1e-5, atol=1e-5)
 
 
 def test_level_sizes_are_floor_of_size_times_scale():

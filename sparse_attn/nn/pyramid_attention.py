@@ -57,7 +57,8 @@ class PyramidAttention(nn.Module):
             official mask pastes every tied patch (summing them) and ``topk=1`` pastes only the
             lowest-index one (the op's tie rule). Neither passes a gradient to the scores.
         topk: None (dense softmax, the official module) or an integer t >= 1: each query's
-            softmax runs over its t best-scoring key patches only. ``average=False`` is ``topk=1``.
+            softmax runs over its t best-scoring key patches only (all of them where an image has
+            fewer than t). ``average=False`` is ``topk=1``.
         backend: the op backend ("auto" honours :func:`sparse_attn.use_backend`).
         recompute_scale_factor: passed to ``F.interpolate`` for the pyramid's resizes. The level
             sizes are ``floor(H·s)`` x ``floor(W·s)`` either way; what differs is where the
@@ -130,7 +131,9 @@ class PyramidAttention(nn.Module):
                                                  recompute_scale_factor=self.recompute_scale_factor)
             keys.append(self.conv_match(ref))
             values.append(self.conv_assembly(ref))
-        out = patch_attention(query, keys, values, scale=self.softmax_scale, topk=self.topk, key_eps=self.key_eps,
+        # topk beyond the number of key patches (a small image) keeps them all: the dense softmax.
+        topk = None if self.topk is None else min(self.topk, sum(k.shape[2] * k.shape[3] for k in keys))
+        out = patch_attention(query, keys, values, scale=self.softmax_scale, topk=topk, key_eps=self.key_eps,
                               backend=self.backend)
         return out / FOLD_DIVISOR + x * self.res_scale
 
