@@ -118,8 +118,8 @@ class PyramidAttention(nn.Module):
         """(B, channel, H, W) -> (B, channel, H, W)."""
         check_feature_map(self, x, self.channel)
         h, w = x.shape[-2:]
-        smallest = self.level_sizes(h, w)[-1]
-        if min(smallest) < 1:
+        if min(h, w) * self.scale[-1] < 1:  # a bound, not the sizes: torch.compile keeps H, W symbolic
+            smallest = self.level_sizes(h, w)[-1]
             raise ValueError(f"x: {h}x{w} is too small for {len(self.scale)} pyramid levels (the resize by "
                              f"{self.scale[-1]:g} leaves {smallest[0]}x{smallest[1]} pixels)")
         if x.shape[0] == 0:  # the op takes no empty batch; the module of an empty batch is that batch
