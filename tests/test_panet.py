@@ -15,6 +15,7 @@ from sparse_attn.nn import PyramidAttention
 from sparse_attn.ops.patch_attention import patch_attention
 
 from helpers import FLOOR_ULPS, compiled_once, why_not
+from model_cases import assert_training_agrees, train_steps
 from test_models import load_fixture, needs_fixtures
 
 BACKENDS = sparse_attn.backends.available("cpu")
@@ -304,6 +305,21 @@ def test_panet_any_size(backend):
     assert out.shape == x.shape
     tolerance = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_panet_trains_alike_on_every_backend(backend):
+    """A few SGD steps of a small PANet: losses and final gradients as on the reference."""
+    dtype = torch.float64 if why_unavailable(backend, torch.float64) is None else torch.float32
+    skip_unless_runs(backend, dtype)
+    loss_rtol, grad_rel = (1e-10, 1e-8) if dtype == torch.float64 else (1e-5, 1e-4)
+
+    def build():
+        return PANet(n_resblocks=2, n_feats=8)
+
+    losses, grads = train_steps(build, backend, dtype)
+    ref_losses, ref_grads = train_steps(build, "reference", dtype)
+    assert_training_agrees(losses, grads, ref_losses, ref_grads, loss_rtol, grad_rel)
 
 
 # ---------------------------------------------------------------------------------------------
