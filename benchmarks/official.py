@@ -10,15 +10,18 @@ which fixes the tie rule the official code leaves to ``torch.topk``).
 - :class:`RestormerAttention`, :class:`DRSformerAttention`: the two modules.
 - :func:`msfn_depthwise`, :class:`FeedForward`: DRSformer's MSFN, its depthwise core and the module.
 - :func:`layer_norm`: the LayerNorm of both networks (``WithBias`` / ``BiasFree``).
-- :class:`PyramidAttention`: PANet's pyramid attention as the official module computes it (the
-  N x M score map of every sample); :func:`forward_chop`: EDSR-PyTorch's tiled inference, which
-  PANet's test scripts use because of that map.
+- :class:`PyramidAttention`: PANet's pyramid attention module as the official code computes it
+  (the N x M score map of every sample; the core is ``benchmarks.patch.official_patch_attention``);
+  :func:`forward_chop`: EDSR-PyTorch's tiled inference, which PANet's test scripts use because of
+  that map.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sparse_attn.nn import drsformer_topk
+
+from .patch import official_patch_attention
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,16 +143,16 @@ def layer_norm(x, weight, bias):
 # PANet
 # ---------------------------------------------------------------------------------------------
 class PyramidAttention(nn.Module):
-    """PANet's ``PyramidAttention`` (official names and defaults, 3x3 patches at stride 1): for
-    each sample, every 3x3 key patch of the five-level pyramid (bicubic resizes by 1, 0.9, ...,
-    0.6 of the input, then ``conv_match``) normalised and used as a convolution filter over the
-    ``conv_match_L_base`` features -- the (M, H, W) score map --, a softmax over M (or, with
-    ``average=False``, a one-hot of the maximum), then the ``conv_assembly`` patches pasted back
-    by a transposed convolution, divided by 4, plus ``res_scale`` times the input."""
+    """PANet's ``PyramidAttention`` (official names and defaults, 3x3 patches at stride 1, the
+    softmax form): the ``conv_match_L_base`` queries against every 3x3 key patch of the
+    five-level pyramid (bicubic resizes by 1, 0.9, ..., 0.6 of the input, then ``conv_match``),
+    the ``conv_assembly`` patches pasted back -- the core as the official code computes it, with
+    the N x M score map of every sample (:func:`benchmarks.patch.official_patch_attention`) --,
+    divided by 4, plus ``res_scale`` times the input."""
 
-    def __init__(self, level=5, res_scale=1, channel=64, reduction=2, softmax_scale=10, average=True):
+    def __init__(self, level=5, res_scale=1, channel=64, reduction=2, softmax_scale=10):
         super().__init__()
-        self.res_scale, self.softmax_scale, self.average = res_scale, softmax_scale, average
+        self.res_scale, self.softmax_scale = res_scale, softmax_scale
         self.scale = [1 - i / 10 for i in range(level)]
         self.register_buffer("escape_NaN", torch.tensor([1e-4]))
 
@@ -159,30 +162,12 @@ class PyramidAttention(nn.Module):
         self.conv_match = conv_prelu(channel // reduction)
         self.conv_assembly = conv_prelu(channel)
 
-    @staticmethod
-    def _patches(x):
-        """(B, C, H, W) -> (B, H*W, C, 3, 3): the zero-padded 3x3 patch around every pixel."""
-        b, c = x.shape[:2]
-        return F.unfold(x, 3, padding=1).reshape(b, c, 3, 3, -1).permute(0, 4, 1, 2, 3)
-
     def forward(self, x):
-        query = self.conv_match_L_base(x)
-        keys, values = [], []
-        for s in self.scale:
-            ref = x if s == 1 else F.interpolate(x, scale_factor=s, mode="bicubic")
-            values.append(self._patches(self.conv_assembly(ref)))
-            keys.append(self._patches(self.conv_match(ref)))
-        keys, values = torch.cat(keys, dim=1), torch.cat(values, dim=1)
-        out = []
-        for i in range(x.shape[0]):
-            k = keys[i]
-            norms = k.square().sum(dim=(1, 2, 3), keepdim=True).sqrt()
-            scores = F.conv2d(F.pad(query[i:i + 1], (1, 1, 1, 1)), k / torch.max(norms, self.escape_NaN))
-            scores = F.softmax(scores * self.softmax_scale, dim=1)
-            if not self.average:
-                scores = (scores == scores.max(dim=1, keepdim=True)[0]).to(scores.dtype)
-            out.append(F.conv_transpose2d(scores, values[i], padding=1) / 4.0)
-        return torch.cat(out, dim=0) + x * self.res_scale
+        levels = [x if s == 1 else F.interpolate(x, scale_factor=s, mode="bicubic") for s in self.scale]
+        out = official_patch_attention(self.conv_match_L_base(x), [self.conv_match(r) for r in levels],
+                                       [self.conv_assembly(r) for r in levels], self.softmax_scale,
+                                       self.escape_NaN.item())
+        return out / 4.0 + x * self.res_scale
 
 
 def forward_chop(model, x, shave=10, min_size=6800):

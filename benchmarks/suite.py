@@ -6,7 +6,7 @@ import time
 from . import case as case_module
 from . import report
 
-GROUPS = ("attention", "msfn", "blocks", "models", "streaming", "panet")
+GROUPS = ("attention", "msfn", "blocks", "patch", "models", "streaming", "panet")
 
 
 def group_module(group):

@@ -58,6 +58,19 @@ TORCH_LIBRARY(sparse_attn, m) {
       "Tensor? activation_weight) "
       "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_activation_weight)");
 
+  // Patch attention, PANet's pyramid attention core (DESIGN.md §3). q: (B, Cq, H, W); keys[l]:
+  // (B, Cq, H_l, W_l), values[l]: (B, Cv, H_l, W_l); topk: 0 (every key) or 1..M. Besides `out`
+  // (B, Cv, H, W) it returns what backward needs, in the accumulation dtype: the key inverse norms
+  // (B, M), each query's log-sum-exp (B, N), and its top-k threshold (the t-th largest score) and
+  // the last key index kept at that score (int64; with topk = 0: -inf and M - 1).
+  m.def(
+      "patch_attention_forward(Tensor q, Tensor[] keys, Tensor[] values, float scale, int topk, float key_eps) "
+      "-> (Tensor out, Tensor key_inverse_norm, Tensor lse, Tensor threshold, Tensor last_kept)");
+  m.def(
+      "patch_attention_backward(Tensor grad_out, Tensor q, Tensor[] keys, Tensor[] values, "
+      "Tensor key_inverse_norm, Tensor lse, Tensor threshold, Tensor last_kept, float scale, int topk, "
+      "float key_eps) -> (Tensor grad_q, Tensor[] grad_keys, Tensor[] grad_values)");
+
   // The constants the kernels and the Python side share, for the tests to compare (csrc/encodings.cpp).
   m.def("encoding(str name, int size) -> int[]");
 }
