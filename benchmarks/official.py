@@ -10,12 +10,18 @@ which fixes the tie rule the official code leaves to ``torch.topk``).
 - :class:`RestormerAttention`, :class:`DRSformerAttention`: the two modules.
 - :func:`msfn_depthwise`, :class:`FeedForward`: DRSformer's MSFN, its depthwise core and the module.
 - :func:`layer_norm`: the LayerNorm of both networks (``WithBias`` / ``BiasFree``).
+- :class:`PyramidAttention`: PANet's pyramid attention module as the official code computes it
+  (the N x M score map of every sample; the core is ``benchmarks.patch.official_patch_attention``);
+  :func:`forward_chop`: EDSR-PyTorch's tiled inference, which PANet's test scripts use because of
+  that map.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sparse_attn.nn import drsformer_topk
+
+from .patch import official_patch_attention
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,3 +137,56 @@ def layer_norm(x, weight, bias):
     else:
         y = (t - t.mean(-1, keepdim=True)) / torch.sqrt(sigma + 1e-5) * weight + bias
     return y.transpose(1, 2).reshape(b, c, h, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# PANet
+# ---------------------------------------------------------------------------------------------
+class PyramidAttention(nn.Module):
+    """PANet's ``PyramidAttention`` (official names and defaults, 3x3 patches at stride 1, the
+    softmax form): the ``conv_match_L_base`` queries against every 3x3 key patch of the
+    five-level pyramid (bicubic resizes by 1, 0.9, ..., 0.6 of the input, then ``conv_match``),
+    the ``conv_assembly`` patches pasted back -- the core as the official code computes it, with
+    the N x M score map of every sample (:func:`benchmarks.patch.official_patch_attention`) --,
+    divided by 4, plus ``res_scale`` times the input."""
+
+    def __init__(self, level=5, res_scale=1, channel=64, reduction=2, softmax_scale=10):
+        super().__init__()
+        self.res_scale, self.softmax_scale = res_scale, softmax_scale
+        self.scale = [1 - i / 10 for i in range(level)]
+        self.register_buffer("escape_NaN", torch.tensor([1e-4]))
+
+        def conv_prelu(out_channels):
+            return nn.Sequential(nn.Conv2d(channel, out_channels, 1), nn.PReLU())
+        self.conv_match_L_base = conv_prelu(channel // reduction)
+        self.conv_match = conv_prelu(channel // reduction)
+        self.conv_assembly = conv_prelu(channel)
+
+    def forward(self, x):
+        levels = [x if s == 1 else F.interpolate(x, scale_factor=s, mode="bicubic") for s in self.scale]
+        out = official_patch_attention(self.conv_match_L_base(x), [self.conv_match(r) for r in levels],
+                                       [self.conv_assembly(r) for r in levels], self.softmax_scale,
+                                       self.escape_NaN.item())
+        return out / 4.0 + x * self.res_scale
+
+
+def forward_chop(model, x, shave=10, min_size=6800):
+    """EDSR-PyTorch's ``forward_chop`` at scale 1 (PANet's denoising trainer; 6800 is its
+    ``min_size``): split the image into four quadrants grown by ``shave`` pixels; run the model
+    on each when it has fewer than ``min_size`` pixels, else recurse; keep each result's own
+    quadrant. A 256x256 image becomes 16 tiles of 79x79."""
+    _, _, h, w = x.shape
+    h_half, w_half = h // 2, w // 2
+    h_size, w_size = h_half + shave, w_half + shave
+    tiles = [x[..., :h_size, :w_size], x[..., :h_size, w - w_size:],
+             x[..., h - h_size:, :w_size], x[..., h - h_size:, w - w_size:]]
+    if h_size * w_size < min_size:
+        results = [model(tile) for tile in tiles]
+    else:
+        results = [forward_chop(model, tile, shave, min_size) for tile in tiles]
+    out = x.new_empty(results[0].shape[:2] + (h, w))
+    out[..., :h_half, :w_half] = results[0][..., :h_half, :w_half]
+    out[..., :h_half, w_half:] = results[1][..., :h_half, w_size - w + w_half:]
+    out[..., h_half:, :w_half] = results[2][..., h_size - h + h_half:, :w_half]
+    out[..., h_half:, w_half:] = results[3][..., h_size - h + h_half:, w_size - w + w_half:]
+    return out

@@ -6,7 +6,7 @@ import time
 from . import case as case_module
 from . import report
 
-GROUPS = ("attention", "msfn", "blocks", "patch", "models", "streaming", "regions")
+GROUPS = ("attention", "msfn", "blocks", "patch", "models", "streaming", "regions", "panet")
 
 
 def group_module(group):

@@ -48,13 +48,16 @@ class CheckpointMixin:
             present, else "params_ema".
 
         Raises :class:`CheckpointError` (a ValueError) for a file that is not a checkpoint that
-        can be read safely, for a checkpoint holding no state_dict, and for one of another network
-        (naming the missing and unexpected keys, and the shapes that differ); nothing is loaded then.
+        can be read safely, for a checkpoint holding no state_dict, for one of another network
+        (naming the missing and unexpected keys, and the shapes that differ), and for one whose
+        copies of a tensor the module holds once (PAEDSR's attention, a shared activation)
+        differ; nothing is loaded then.
         """
         source = _describe(path_or_state_dict)
         checkpoint = _read(path_or_state_dict, source)
         state_dict = _strip_wrapper_prefix(_unwrap(checkpoint, source, param_key), self.state_dict().keys())
         self._check_compatible(state_dict, source, strict)
+        self._check_tied_copies(state_dict, source)
         if not strict:
             own = self.state_dict().keys()
             state_dict = {k: v for k, v in state_dict.items() if k in own}
@@ -102,6 +105,21 @@ class CheckpointMixin:
         if hint:
             lines.append(f"  hint: {hint}")
         raise CheckpointError("\n".join(lines))
+
+    def _check_tied_copies(self, state_dict, source):
+        """Keys that name one tensor of this module (a module registered twice, an activation
+        shared by many blocks) must hold equal values in the checkpoint: loading them one after
+        the other would silently keep the last."""
+        by_tensor = {}
+        for key, tensor in self.state_dict(keep_vars=True).items():
+            if key in state_dict:
+                by_tensor.setdefault(id(tensor), []).append(key)
+        differ = [keys for keys in by_tensor.values()
+                  if any(not torch.equal(state_dict[k], state_dict[keys[0]]) for k in keys[1:])]
+        if differ:
+            listing = "; ".join(_listing(keys) for keys in differ)
+            raise CheckpointError(f"{source}: keys that are one tensor in {type(self).__name__} hold different "
+                                  f"values in the checkpoint (a corrupt or edited file?): {listing}")
 
 
 def _describe(path_or_state_dict):

@@ -58,4 +58,4 @@ def train_steps(build, backend, dtype=torch.float64, steps=3):
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-    return losses, {k: p.grad.clone() for k, p in model.named_parameters()}
+    return losses, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}  # not frozen ones

@@ -4,7 +4,8 @@ Every network in :mod:`sparse_attn.models` (``__all__``) is available, by its cl
 case (``drsformer``, ``Restormer``, ...), so networks added later need nothing here. A checkpoint
 is recognised from its keys: which network it belongs to (the key patterns, digits aside, of each
 network's default configuration) and, for the Restormer-family U-Nets, the configuration
-(``dim``, ``num_blocks``, ``heads``, DRSformer with or without MEFC, refinement blocks, ...).
+(``dim``, ``num_blocks``, ``heads``, DRSformer with or without MEFC, refinement blocks, ...);
+a network class may tell its own from the keys with a ``config_from_state_dict`` classmethod (PANet).
 Checkpoints this command writes also carry the ``network_g`` options they were trained with.
 """
 import inspect
@@ -26,7 +27,17 @@ def network_class(name):
     classes = registry()
     if not isinstance(name, str) or name.lower() not in classes:
         raise CliError(f"unknown network {name!r}; available: {', '.join(cls.__name__ for cls in classes.values())}")
-    return classes[name.lower()]
+    return _restores_in_place(classes[name.lower()])
+
+
+def _restores_in_place(cls):
+    """``cls``, or CliError for a network the jobs cannot run: they restore (and train on)
+    images in [0, 1] at their own size, which a super-resolution network (``upscales = True``,
+    e.g. PAEDSR, images in [0, 255]) does not take."""
+    if getattr(cls, "upscales", False):
+        raise CliError(f"{cls.__name__} is a super-resolution network (its output is larger than its input); "
+                       f"the jobs restore images at their own size: use sparse_attn.models.{cls.__name__} from Python")
+    return cls
 
 
 def build(options):
@@ -156,10 +167,13 @@ def load(name, path, **overrides):
     if found is not cls and score > 0.5:
         raise CliError(f"--weights: {path} is a {found.__name__} checkpoint, not {cls.__name__} "
                        f"(use --model {found.__name__.lower()})")
+    _restores_in_place(cls)
     if options and network_class(options.get("type", cls.__name__)) is cls:
         net = build({**options, **overrides, "type": cls.__name__})
     else:
-        net = cls(**{**unet_config(state_dict, cls), **overrides})
+        told = cls.config_from_state_dict(state_dict) if hasattr(cls, "config_from_state_dict") else \
+            unet_config(state_dict, cls)
+        net = cls(**{**told, **overrides})
     load_weights(net, state_dict, f"--weights: {path}")
     return net
 

@@ -7,8 +7,10 @@ from .gated_dconv_ffn import GatedDconvFFN
 from .multi_input_attention import MultiInputAttention, MultiInputTransformerBlock
 from .norm import LayerNorm2d
 from .prelu_gated_ffn import PReLUGatedFFN
+from .pyramid_attention import PyramidAttention
 from .region_selection_attention import RegionSelectionAttention
 
 __all__ = ["ChannelAttentionBase", "TopKChannelAttention", "ChannelAttention", "drsformer_topk", "MixedScaleFFN",
            "GatedDconvFFN", "LayerNorm2d", "DeepSparseAttention", "FrequencyGatedFFN",
-           "MultiInputAttention", "MultiInputTransformerBlock", "PReLUGatedFFN", "RegionSelectionAttention"]
+           "MultiInputAttention", "MultiInputTransformerBlock", "PReLUGatedFFN", "PyramidAttention",
+           "RegionSelectionAttention"]
