@@ -48,11 +48,13 @@ def backend_cases(slow_backends=("triton",), known_failures=None):
             yield pytest.param(backend, dtype, marks=marks, id=f"{backend}-{str(dtype).replace('torch.', '')}")
 
 
-# Measured on the fixture's maps (the op alone, float32 against float64): native's output error
-# 3.5e-5 where the reference's is 6.9e-6, q's gradient 5.7e-4 against 5.6e-5; the module's input
-# gradient 5.8e-5 against 2.4e-5 (2.4x; the rule allows 2x). An op issue, reported.
-NATIVE_FLOAT32_ACCURACY = ("native patch_attention in float32 is 2.4x (module input gradient) to 10x (op q "
-                           "gradient) further from float64 than the float32 reference on this fixture")
+# Measured on the fixture (float32 against float64, once the op kept its log-sum-exp in double):
+# native's output and input gradient are as close as the float32 reference's (1.2x, 0.9x), and
+# so are the convolution gradients (0.5x-1.3x); the two PReLU slopes' gradients, sums over the
+# whole map with cancellation, are 3.0x (conv_match_L_base.1: 5.9e-5 vs 2.0e-5) and 3.5x
+# (conv_match.1: 1.3e-4 vs 3.7e-5), over the 2x rule. Open.
+NATIVE_FLOAT32_ACCURACY = ("native patch_attention in float32: the PReLU slopes' gradients are 3.0x and 3.5x "
+                           "further from float64 than the float32 reference's on this fixture (rule: 2x)")
 
 
 def _randomise(module, seed=1):

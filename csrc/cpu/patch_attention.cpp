@@ -353,8 +353,10 @@ struct Problem {
   T scale, key_eps;
   int64_t topk;  // 0: dense
   const T* inverse_norm;  // (M)
-  // Per query (N): log-sum-exp of the kept scores; with topk the threshold and last kept index.
-  const T* lse;
+  // Per query (N): log-sum-exp of the kept scores, in double whatever T is: scores reach a few
+  // hundred, and a float lse would carry |lse|·2⁻²⁴ of error into every probability (measured: 2-5x
+  // the float reference's error); with topk the threshold and last kept index.
+  const double* lse;
   const T* threshold;
   const int64_t* last_kept;
   bool dense() const { return topk == 0; }
@@ -447,7 +449,14 @@ void tile_probs(const Problem<T>& pr, Workspace<T>& ws, const HaloRect& qr, cons
     const int64_t query = (qr.y0 + p / qr.cols) * pr.q.cols + qr.x0 + p % qr.cols;
     T* probs = ws.probs.data() + p * nk;
     const T* scores = ws.scores.data() + p * nk;
-    PATCH_CALL(exp_shifted, scores, pr.lse[query], nk, probs);
+    // exp(s - lse) as exp(s - lse_T) · exp(lse_T - lse): the first difference is exact near the
+    // top scores, the second factor restores lse's bits below T's precision.
+    const T shift = T(pr.lse[query]);
+    PATCH_CALL(exp_shifted, scores, shift, nk, probs);
+    if constexpr (!std::is_same_v<T, double>) {
+      const T correction = T(std::exp(double(shift) - pr.lse[query]));
+      for (int64_t m = 0; m < nk; ++m) probs[m] *= correction;
+    }
     if (pr.dense()) continue;
     const T threshold = pr.threshold[query];
     const int64_t last = pr.last_kept[query];
@@ -591,7 +600,7 @@ Problem<T> problem_of(const Tensor& q, const std::vector<Tensor>& keys, const st
 // Forward
 // ---------------------------------------------------------------------------------------------
 template <typename T>
-void forward_query_tile(const Problem<T>& pr, Workspace<T>& ws, int64_t tile, T* lse_out, T* threshold_out,
+void forward_query_tile(const Problem<T>& pr, Workspace<T>& ws, int64_t tile, double* lse_out, T* threshold_out,
                         int64_t* last_out, T* out_buffer) {
   const HaloRect qr = pr.query_grid.rect(tile);
   const int64_t np = qr.rows * qr.cols, cv = pr.value_channels;
@@ -600,12 +609,13 @@ void forward_query_tile(const Problem<T>& pr, Workspace<T>& ws, int64_t tile, T*
   auto query_of = [&](int64_t p) { return (qr.y0 + p / qr.cols) * pr.q.cols + qr.x0 + p % qr.cols; };
 
   // Pass 1: each query's log-sum-exp (online), or its t best keys.
-  T row_max[kTilePixels], row_sum[kTilePixels];
+  T row_max[kTilePixels];
+  double row_sum[kTilePixels];  // summed in double: M reaches tens of thousands of keys
   std::vector<std::pair<T, int64_t>> heap_items(pr.dense() ? 0 : np * pr.topk);
   std::vector<TopHeap<T>> heaps;
   for (int64_t p = 0; p < np; ++p) {
     row_max[p] = -std::numeric_limits<T>::infinity();
-    row_sum[p] = T(0);
+    row_sum[p] = 0.0;
     if (!pr.dense()) heaps.push_back(TopHeap<T>{heap_items.data() + p * pr.topk, 0, pr.topk});
   }
   for (const KeyTile& kt : pr.key_tiles) {
@@ -618,7 +628,7 @@ void forward_query_tile(const Problem<T>& pr, Workspace<T>& ws, int64_t tile, T*
         for (int64_t m = 0; m < nk; ++m) tile_max = std::max(tile_max, s[m]);
         T* exps = ws.probs.data();
         PATCH_CALL(exp_shifted, s, tile_max, nk, exps);
-        T sum = row_sum[p] * std::exp(row_max[p] - tile_max);
+        double sum = row_sum[p] * std::exp(double(row_max[p]) - double(tile_max));
         for (int64_t m = 0; m < nk; ++m) sum += exps[m];
         row_max[p] = tile_max;
         row_sum[p] = sum;
@@ -638,8 +648,8 @@ void forward_query_tile(const Problem<T>& pr, Workspace<T>& ws, int64_t tile, T*
         best = std::max(best, h.items[i].first);
         if (h.items[i].first == threshold) last = std::max(last, h.items[i].second);
       }
-      T sum = T(0);
-      for (int64_t i = 0; i < h.size; ++i) sum += std::exp(h.items[i].first - best);
+      double sum = 0.0;
+      for (int64_t i = 0; i < h.size; ++i) sum += std::exp(double(h.items[i].first) - double(best));
       row_max[p] = best;
       row_sum[p] = sum;
       threshold_out[query] = threshold;
@@ -648,7 +658,7 @@ void forward_query_tile(const Problem<T>& pr, Workspace<T>& ws, int64_t tile, T*
       threshold_out[query] = -std::numeric_limits<T>::infinity();
       last_out[query] = pr.n_keys - 1;
     }
-    lse_out[query] = row_max[p] + std::log(row_sum[p]);
+    lse_out[query] = double(row_max[p]) + std::log(row_sum[p]);
   }
 
   // Pass 2: out = Ã v over the query tile's halo, into the tile's own buffer.
@@ -674,7 +684,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& q_i
   TORCH_CHECK(topk >= 0 && topk <= n_keys, "topk: expected 0 (dense) or 1..", n_keys, ", got ", topk);
   Tensor out = at::empty({batch, cv, q.size(2), q.size(3)}, q.options());
   Tensor inverse_norm = at::empty({batch, n_keys}, q.options());
-  Tensor lse = at::empty({batch, n_queries}, q.options());
+  Tensor lse = at::empty({batch, n_queries}, q.options().dtype(at::kDouble));
   Tensor threshold = at::empty({batch, n_queries}, q.options());
   Tensor last_kept = at::empty({batch, n_queries}, q.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "patch_attention_forward_cpu", [&] {
@@ -687,7 +697,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& q_i
       problems.back().inverse_norm = norms;
       gather_key_tiles(problems.back(), false, false, problems.back().key_channel_tiles);
       gather_key_tiles(problems.back(), true, true, problems.back().value_pixel_tiles);
-      problems.back().lse = lse.const_data_ptr<T>() + b * n_queries;
+      problems.back().lse = lse.const_data_ptr<double>() + b * n_queries;
       problems.back().threshold = threshold.const_data_ptr<T>() + b * n_queries;
       problems.back().last_kept = last_kept.const_data_ptr<int64_t>() + b * n_queries;
     }
@@ -697,7 +707,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& q_i
       Workspace<T> ws(q.size(1), cv);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / grid.count(), tile = task % grid.count();
-        forward_query_tile(problems[b], ws, tile, lse.mutable_data_ptr<T>() + b * n_queries,
+        forward_query_tile(problems[b], ws, tile, lse.mutable_data_ptr<double>() + b * n_queries,
                            threshold.mutable_data_ptr<T>() + b * n_queries,
                            last_kept.mutable_data_ptr<int64_t>() + b * n_queries,
                            buffers.data() + task * kHaloPixels * cv);
@@ -814,7 +824,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> backward_cpu(
       problems.push_back(problem_of<T>(q, keys, values, b, scale, topk, key_eps));
       Problem<T>& pr = problems.back();
       pr.inverse_norm = inverse_norm.const_data_ptr<T>() + b * pr.n_keys;
-      pr.lse = lse.const_data_ptr<T>() + b * n_queries;
+      pr.lse = lse.const_data_ptr<double>() + b * n_queries;
       pr.threshold = threshold.const_data_ptr<T>() + b * n_queries;
       pr.last_kept = last_kept.const_data_ptr<int64_t>() + b * n_queries;
       grad_maps.push_back(Map<T>{grad_out.const_data_ptr<T>() + b * cv * n_queries, cv, q.size(2), q.size(3)});

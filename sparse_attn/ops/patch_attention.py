@@ -98,7 +98,7 @@ def _fake_forward(q, keys, values, scale, topk, key_eps):
     acc = _accumulation_dtype(q.dtype)
     return (q.new_empty((batch, values[0].shape[1], height, width)),
             q.new_empty((batch, n_keys), dtype=acc),
-            q.new_empty((batch, height * width), dtype=acc),
+            q.new_empty((batch, height * width), dtype=torch.float64),  # lse: double for every dtype
             q.new_empty((batch, height * width), dtype=acc),
             q.new_empty((batch, height * width), dtype=torch.int64))
 
