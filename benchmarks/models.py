@@ -14,7 +14,8 @@ import sparse_attn
 import sparse_attn.models
 from sparse_attn.backends import BACKENDS
 
-from .case import COMPILED, EAGER, Case, Skipped, Variant, compile_for_case, require_backend
+from . import breakdown
+from .case import COMPILED, EAGER, Case, Skipped, Variant, compile_for_case, make_step, require_backend
 from .memory import largest_square
 from .report import Target, find_row, ratio
 
@@ -141,6 +142,33 @@ def targets(rows):
 
 
 def section(rows, opts, sweep):
+    """Where each network's training step spends its time (per module class, native against
+    reference), then the largest square image each backend restores."""
+    return "\n".join([profile_section(rows, opts), largest_image_section(rows, opts, sweep)])
+
+
+def profile_section(rows, opts):
+    """A per-module time breakdown (benchmarks/breakdown.py) of one training step of each network
+    at the smallest side its training step was measured at in this run, native against reference."""
+    parts = []
+    for name in MODELS:
+        sides = sorted(int(r.pixels ** 0.5) for r in rows
+                       if r.name == f"{name} {MODES['train']}" and r.backend == "native" and r.status == "ok")
+        if not sides:
+            continue
+        x = torch.rand(1, 3, sides[0], sides[0], generator=torch.Generator().manual_seed(0)).to(opts.device)
+        tables = {}
+        for backend in ("native", "reference"):
+            model = _network(name, "train", opts.device, torch.float32)
+            step = make_step(OnBackend(model, backend), [x], "train")
+            tables[backend] = breakdown.module_breakdown(model, step)
+        parts.append(breakdown.render(f"\n{name} training step, B1 3x{sides[0]}x{sides[0]}: self CPU time per module "
+                                      f"class, native (reference for comparison)", tables["native"],
+                                      tables["reference"]))
+    return "\n".join(parts) if parts else "\n(no training step was measured on native: no profile table)"
+
+
+def largest_image_section(rows, opts, sweep):
     """The largest square image each backend restores (no-grad, batch 1) within the budget:
     bisection over fresh processes with --full; other sweeps extrapolate from the measured peaks
     (peak memory is affine in the number of pixels for these networks)."""
