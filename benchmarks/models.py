@@ -51,7 +51,8 @@ def default_specs(sweep):
         inference at 128², not compiled; their inference peak memory at 128², and DRSformer's at 64² (the
         largest-image estimate is drawn through DRSformer's two);
     targets: issue 5's shapes: DRSformer's training step at 128², its inference peak memory at
-        256² and 512²; issue 15's: Restormer's training step at 128²; issue 14's: ALformer's
+        256² and 512²; issue 15's: Restormer's and DSGformer's training steps at 128², Restormer's
+        inference at 512² (time and peak memory); issue 14's: ALformer's
         training step at 128², its inference at 256² and 512² (time and peak memory);
     full: training steps at 128² and 256², inference at 256² and 512², everything compiled and
         every peak measured, and the largest-image bisection."""
@@ -61,6 +62,8 @@ def default_specs(sweep):
                 for side in sides]
     if sweep == "targets":
         return [spec("DRSformer", "train", 128, compile=False), spec("Restormer", "train", 128, compile=False),
+                spec("DSGformer", "train", 128, compile=False),
+                spec("Restormer", "inference", 512, compile=False, peak=True),
                 *(spec("DRSformer", "inference", side, compile=False, peak=True, timed=False) for side in (256, 512)),
                 spec("ALformer", "train", 128, compile=False, peak=True),
                 *(spec("ALformer", "inference", side, compile=False, peak=True) for side in (256, 512))]
@@ -111,7 +114,7 @@ def make_case(spec):
 
 
 def targets(rows):
-    """Issue 5's targets (DRSformer), issue 15's (Restormer's training step) and issue 14's
+    """Issue 5's targets (DRSformer), issue 15's (Restormer, DRSformer, DSGformer) and issue 14's
     (ALformer's training step): CPU, fp32, default configurations, batch 1."""
     train_shape, infer_shape = "B1 3x128x128", "B1 3x512x512"  # measured by --targets and --full
     native = find_row(rows, "DRSformer train step", train_shape, "native")
@@ -120,6 +123,9 @@ def targets(rows):
     reference_512 = find_row(rows, "DRSformer inference", infer_shape, "reference (eager)")
     restormer = find_row(rows, "Restormer train step", train_shape, "native")
     restormer_reference = find_row(rows, "Restormer train step", train_shape, "reference (eager)")
+    restormer_512 = find_row(rows, "Restormer inference", infer_shape, "native")
+    restormer_reference_512 = find_row(rows, "Restormer inference", infer_shape, "reference (eager)")
+    deblur = find_row(rows, "DSGformer train step", train_shape, "native")
     elf = find_row(rows, "ALformer train step", train_shape, "native")
     elf_reference = find_row(rows, "ALformer train step", train_shape, "reference (eager)")
     get = lambda row, field: getattr(row, field, None)  # noqa: E731
@@ -134,6 +140,16 @@ def targets(rows):
                ">=", 1.5),
         Target("15", f"Restormer train step {train_shape}: native saved bytes / reference's",
                ratio(get(restormer, "saved_bytes"), get(restormer_reference, "saved_bytes")), "<=", 0.50, "%"),
+        Target("15", f"Restormer inference {infer_shape}: native vs reference", get(restormer_512, "speedup_eager_fwd"),
+               ">=", 1.5),
+        Target("15", f"Restormer inference {infer_shape}: native peak memory / reference's",
+               ratio(get(restormer_512, "peak_bytes"), get(restormer_reference_512, "peak_bytes")), "<=", 0.50, "%"),
+        Target("15", f"DRSformer train step {train_shape}: native vs reference", get(native, "speedup_eager_fwdbwd"),
+               ">=", 2.2),
+        Target("15", f"DRSformer train step {train_shape}: native saved bytes / reference's",
+               ratio(get(native, "saved_bytes"), get(reference, "saved_bytes")), "<=", 0.30, "%"),
+        Target("15", f"DSGformer train step {train_shape}: native vs reference", get(deblur, "speedup_eager_fwdbwd"),
+               ">=", 1.4),
         Target("14", f"ALformer train step {train_shape}: native vs reference", get(elf, "speedup_eager_fwdbwd"),
                ">=", 1.3),
         Target("14", f"ALformer train step {train_shape}: native saved bytes / reference's",
