@@ -39,6 +39,7 @@ std::vector<int64_t> encoding(c10::string_view name, int64_t size) {
     const gdw::GradLayout g(size);
     return {g.weight, g.bias, g.slope, g.total};
   }
+  if (name == "gated_dwconv_cuda_grid") return {gdw::kCudaTileH, gdw::kCudaTileW, gdw::kCudaGridLimit};
   if (name == "mixed_scale_dwconv_cuda_grid") return {msdw::kCudaTileH, msdw::kCudaTileW, msdw::kCudaGridLimit};
   TORCH_CHECK(false, "encoding: unknown name '", std::string(name), "'");
   return {};

@@ -33,3 +33,14 @@ GATED_GRAD_LAYOUT = {"weight": 0, "bias": 18, "slope": 20, "total": 21}
 def gated_grad_offsets(hidden):
     """{name: start} of the gradient table's row for h = ``hidden``, plus "total"."""
     return {name: per_h * hidden for name, per_h in GATED_GRAD_LAYOUT.items()}
+
+
+def cuda_grid(op_name):
+    """(tile height, tile width, grid bound) of an op's CUDA kernels, read from the extension
+    (their one source: ``<op_name>_cuda_grid`` in csrc/encodings.cpp); None without the extension."""
+    import torch
+
+    try:
+        return tuple(torch.ops.sparse_attn.encoding(f"{op_name}_cuda_grid", 0))
+    except (AttributeError, RuntimeError):
+        return None

@@ -93,6 +93,20 @@ def test_msfn_cuda_grid_limits_are_checked_before_dispatch():
     assert limits(types.SimpleNamespace(device=torch.device("cpu"), shape=(2, 32768, 8, 8))) is None
 
 
+@requires_native
+def test_gated_dwconv_cuda_grid_limits_are_checked_before_dispatch():
+    tile_h, tile_w, bound = importlib.import_module("sparse_attn.ops.gated_dwconv")._CUDA_GRID
+    assert (tile_h, tile_w, bound) == (16, 32, 2**31)
+    limits = _library.lookup("gated_dwconv").table.native.limits
+    assert limits(cuda_like((1, 254, 512, 512))) is None
+    tiles_per_plane = (2048 // 16) * (2048 // 32)  # 8192
+    groups_at_limit = 2**31 // tiles_per_plane      # 262144 tile planes reach the grid bound
+    assert limits(cuda_like((1, 2 * (groups_at_limit - 1), 2048, 2048))) is None
+    assert "fewer than 2147483648 tiles of 16 x 32" in limits(cuda_like((1, 2 * groups_at_limit, 2048, 2048)))
+    assert "H * W below 2^31" in limits(cuda_like((1, 2, 65536, 32768)))
+    assert limits(types.SimpleNamespace(device=torch.device("cpu"), shape=(1, 2 * groups_at_limit, 2048, 2048))) is None
+
+
 @requires_triton_cpu
 def test_auto_routes_around_a_limit_and_explicit_requests_name_it(monkeypatch):
     """Triton's attention kernels take d <= 128. With triton first in CPU's order (as it is on

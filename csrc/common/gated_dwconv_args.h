@@ -19,6 +19,12 @@ namespace gdw {
 using msdw::contiguous_or_none;
 using msdw::pointer_or_null;
 
+// The CUDA kernels' tile (pixels per thread block) and the bound of their one-dimensional grids;
+// Python's limit check reads them through the `encoding` op.
+constexpr int kCudaTileH = 16;
+constexpr int kCudaTileW = 32;
+constexpr int64_t kCudaGridLimit = int64_t(1) << 31;
+
 inline void check_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                        int64_t act, const std::optional<at::Tensor>& activation_weight) {
   TORCH_CHECK(x.dim() == 4 && x.size(1) % 2 == 0, "x: expected (B, 2h, H, W), got ", x.sizes());

@@ -17,6 +17,7 @@
 
 #include "common/gated_dwconv.h"
 #include "common/gated_dwconv_args.h"
+#include "cuda/sum_rows.cuh"
 
 namespace sparse_attn {
 namespace gdw {
@@ -26,8 +27,8 @@ using at::Tensor;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kTileH = 16;
-constexpr int kTileW = 32;
+constexpr int kTileH = kCudaTileH;
+constexpr int kTileW = kCudaTileW;
 constexpr int kLd = kTileW + 2;                // a frame: the tile and a one-pixel border
 constexpr int kFrame = (kTileH + 2) * kLd;
 constexpr int kSums = 21;                      // 2 x (9 taps + bias) + slope
@@ -161,16 +162,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// summed[k] = sum of partials[row][k] over rows, in row order.
-__global__ void sum_rows_kernel(const double* __restrict__ partials, int64_t rows, int64_t total,
-                                double* __restrict__ summed) {
-  const int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (k >= total) return;
-  double s = 0;
-  for (int64_t row = 0; row < rows; ++row) s += partials[row * total + k];
-  summed[k] = s;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Launchers
 // ---------------------------------------------------------------------------------------------
@@ -240,10 +231,7 @@ BackwardResult backward_cuda(const Tensor& grad_out_in, const Tensor& x_in, cons
       });
     });
   }
-  Tensor summed = at::empty({layout.total}, partials.options());
-  sum_rows_kernel<<<static_cast<unsigned>((layout.total + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-      partials.const_data_ptr<double>(), partials.size(0), layout.total, summed.mutable_data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const Tensor summed = sum_partial_rows(partials, stream);
   auto [grad_weight, grad_bias, grad_slope] = layout.split(summed, x);
   return {grad_x, grad_weight, grad_bias, grad_slope};
 }

@@ -15,6 +15,7 @@
 
 #include "common/layer_norm2d.h"
 #include "common/layer_norm2d_args.h"
+#include "cuda/sum_rows.cuh"
 
 namespace sparse_attn {
 namespace ln2d {
@@ -108,16 +109,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// summed[k] = sum of partials[row][k] over rows, in row order.
-__global__ void sum_rows_kernel(const double* __restrict__ partials, int64_t rows, int64_t total,
-                                double* __restrict__ summed) {
-  const int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (k >= total) return;
-  double s = 0;
-  for (int64_t row = 0; row < rows; ++row) s += partials[row * total + k];
-  summed[k] = s;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Launchers
 // ---------------------------------------------------------------------------------------------
@@ -177,11 +168,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad_out_in, cons
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  const int64_t total = 2 * g.channels;
-  Tensor summed = at::empty({total}, partials.options());
-  sum_rows_kernel<<<static_cast<unsigned>((total + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-      partials.const_data_ptr<double>(), runs, total, summed.mutable_data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const Tensor summed = sum_partial_rows(partials, stream);
   const Tensor grads = summed.to(x.scalar_type());
   return {grad_x, grads.narrow(0, 0, g.channels).clone(), grads.narrow(0, g.channels, g.channels).clone()};
 }

@@ -18,6 +18,7 @@
 
 #include "common/mixed_scale_dwconv.h"
 #include "common/mixed_scale_dwconv_args.h"
+#include "cuda/sum_rows.cuh"
 
 namespace sparse_attn {
 namespace msdw {
@@ -279,15 +280,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// summed[k] = sum of partials[row][k] over rows, in row order.
-__global__ void sum_rows_kernel(const double* __restrict__ partials, long rows, long total, double* __restrict__ summed) {
-  const long k = blockIdx.x * static_cast<long>(blockDim.x) + threadIdx.x;
-  if (k >= total) return;
-  double s = 0;
-  for (long row = 0; row < rows; ++row) s += partials[row * total + k];
-  summed[k] = s;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Launchers
 // ---------------------------------------------------------------------------------------------
@@ -356,11 +348,7 @@ BackwardResult backward_cuda(const Tensor& grad_out_in, const Tensor& x_in, cons
         g, layout, tiles, grad_x.mutable_data_ptr<scalar_t>(), partials.mutable_data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  Tensor summed = at::empty({layout.total}, partials.options());
-  const int threads = 256;
-  sum_rows_kernel<<<static_cast<unsigned>((layout.total + threads - 1) / threads), threads, 0, stream>>>(
-      partials.const_data_ptr<double>(), partials.size(0), layout.total, summed.mutable_data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const Tensor summed = sum_partial_rows(partials, stream);
   return backward_result(grad_x, layout.split(summed, x));
 }
 

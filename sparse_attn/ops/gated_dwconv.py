@@ -9,6 +9,7 @@ recomputes z tile by tile.
 """
 import torch
 
+from .. import encodings
 from ..encodings import GATE_ACTIVATION_CODES, GATE_ACTIVATION_NAMES
 from ..reference import gated_dwconv as reference_gated_dwconv
 from . import _library
@@ -96,15 +97,21 @@ def _backward(ctx, backward_op, grad_out):
 # ---------------------------------------------------------------------------------------------
 # Backends
 # ---------------------------------------------------------------------------------------------
+_CUDA_GRID = encodings.cuda_grid("gated_dwconv")
+
+
 def _native_limits(x, *_):
-    """The CUDA kernels index a plane with 32-bit integers and use one-dimensional grids."""
-    if x.device.type != "cuda":
+    """The CUDA kernels index a plane with 32-bit integers and use one-dimensional grids of one
+    block per (image, channel group, tile)."""
+    if x.device.type != "cuda" or _CUDA_GRID is None:
         return None
+    tile_h, tile_w, grid_limit = _CUDA_GRID
     batch, channels, height, width = x.shape
     if height * width >= 2**31:
         return f"its CUDA kernels take H * W below 2^31, got {height} * {width}"
-    if batch * (channels // 2) * -(-height // 16) * -(-width // 32) >= 2**31:
-        return "its CUDA kernels take fewer than 2^31 tiles of 16 x 32 pixels per channel group and image"
+    if batch * (channels // 2) * -(-height // tile_h) * -(-width // tile_w) >= grid_limit:
+        return (f"its CUDA kernels take fewer than {grid_limit} tiles of {tile_h} x {tile_w} pixels "
+                "per channel group and image")
     return None
 
 

@@ -11,6 +11,7 @@ stage tile by tile.
 """
 import torch
 
+from .. import encodings
 from ..reference import mixed_scale_dwconv as reference_mixed_scale_dwconv
 from . import _library
 
@@ -102,16 +103,7 @@ def _backward(ctx, backward_op, grad_out):
 # ---------------------------------------------------------------------------------------------
 # Backends
 # ---------------------------------------------------------------------------------------------
-def _cuda_grid():
-    """(tile height, tile width, grid bound) of the CUDA kernels, read once from the extension,
-    their one source; None without it."""
-    try:
-        return tuple(torch.ops.sparse_attn.encoding("mixed_scale_dwconv_cuda_grid", 0))
-    except (AttributeError, RuntimeError):
-        return None
-
-
-_CUDA_GRID = _cuda_grid()
+_CUDA_GRID = encodings.cuda_grid("mixed_scale_dwconv")
 
 
 def _native_limits(x, *_):
