@@ -65,7 +65,10 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 def _extension():
     sources = ["csrc/ops.cpp", "csrc/encodings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp"]
+    # -fno-trapping-math: the values are unchanged (only floating-point exception flags are not
+    # kept), and it lets GCC turn float selects (relu, PReLU, clamps) into vector blends; with the
+    # default, every loop holding a float comparison stays scalar ("control flow in loop").
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not WITH_CUDA:
         return CppExtension("sparse_attn._C", sources, include_dirs=include_dirs,

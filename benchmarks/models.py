@@ -14,7 +14,8 @@ import sparse_attn
 import sparse_attn.models
 from sparse_attn.backends import BACKENDS
 
-from .case import COMPILED, EAGER, Case, Skipped, Variant, compile_for_case, require_backend
+from . import breakdown
+from .case import COMPILED, EAGER, Case, Skipped, Variant, compile_for_case, make_step, require_backend
 from .memory import largest_square
 from .report import Target, find_row, ratio
 
@@ -50,7 +51,8 @@ def default_specs(sweep):
         inference at 128², not compiled; their inference peak memory at 128², and DRSformer's at 64² (the
         largest-image estimate is drawn through DRSformer's two);
     targets: issue 5's shapes: DRSformer's training step at 128², its inference peak memory at
-        256² and 512²; issue 15's: Restormer's training step at 128²; issue 14's: ALformer's
+        256² and 512²; issue 15's: Restormer's and DSGformer's training steps at 128², Restormer's
+        inference at 512² (time and peak memory); issue 14's: ALformer's
         training step at 128², its inference at 256² and 512² (time and peak memory);
     full: training steps at 128² and 256², inference at 256² and 512², everything compiled and
         every peak measured, and the largest-image bisection."""
@@ -60,6 +62,8 @@ def default_specs(sweep):
                 for side in sides]
     if sweep == "targets":
         return [spec("DRSformer", "train", 128, compile=False), spec("Restormer", "train", 128, compile=False),
+                spec("DSGformer", "train", 128, compile=False),
+                spec("Restormer", "inference", 512, compile=False, peak=True),
                 *(spec("DRSformer", "inference", side, compile=False, peak=True, timed=False) for side in (256, 512)),
                 spec("ALformer", "train", 128, compile=False, peak=True),
                 *(spec("ALformer", "inference", side, compile=False, peak=True) for side in (256, 512))]
@@ -110,7 +114,7 @@ def make_case(spec):
 
 
 def targets(rows):
-    """Issue 5's targets (DRSformer), issue 15's (Restormer's training step) and issue 14's
+    """Issue 5's targets (DRSformer), issue 15's (Restormer, DRSformer, DSGformer) and issue 14's
     (ALformer's training step): CPU, fp32, default configurations, batch 1."""
     train_shape, infer_shape = "B1 3x128x128", "B1 3x512x512"  # measured by --targets and --full
     native = find_row(rows, "DRSformer train step", train_shape, "native")
@@ -119,6 +123,9 @@ def targets(rows):
     reference_512 = find_row(rows, "DRSformer inference", infer_shape, "reference (eager)")
     restormer = find_row(rows, "Restormer train step", train_shape, "native")
     restormer_reference = find_row(rows, "Restormer train step", train_shape, "reference (eager)")
+    restormer_512 = find_row(rows, "Restormer inference", infer_shape, "native")
+    restormer_reference_512 = find_row(rows, "Restormer inference", infer_shape, "reference (eager)")
+    deblur = find_row(rows, "DSGformer train step", train_shape, "native")
     elf = find_row(rows, "ALformer train step", train_shape, "native")
     elf_reference = find_row(rows, "ALformer train step", train_shape, "reference (eager)")
     get = lambda row, field: getattr(row, field, None)  # noqa: E731
@@ -133,6 +140,16 @@ def targets(rows):
                ">=", 1.5),
         Target("15", f"Restormer train step {train_shape}: native saved bytes / reference's",
                ratio(get(restormer, "saved_bytes"), get(restormer_reference, "saved_bytes")), "<=", 0.50, "%"),
+        Target("15", f"Restormer inference {infer_shape}: native vs reference", get(restormer_512, "speedup_eager_fwd"),
+               ">=", 1.5),
+        Target("15", f"Restormer inference {infer_shape}: native peak memory / reference's",
+               ratio(get(restormer_512, "peak_bytes"), get(restormer_reference_512, "peak_bytes")), "<=", 0.50, "%"),
+        Target("15", f"DRSformer train step {train_shape}: native vs reference", get(native, "speedup_eager_fwdbwd"),
+               ">=", 2.2),
+        Target("15", f"DRSformer train step {train_shape}: native saved bytes / reference's",
+               ratio(get(native, "saved_bytes"), get(reference, "saved_bytes")), "<=", 0.30, "%"),
+        Target("15", f"DSGformer train step {train_shape}: native vs reference", get(deblur, "speedup_eager_fwdbwd"),
+               ">=", 1.4),
         Target("14", f"ALformer train step {train_shape}: native vs reference", get(elf, "speedup_eager_fwdbwd"),
                ">=", 1.3),
         Target("14", f"ALformer train step {train_shape}: native saved bytes / reference's",
@@ -141,6 +158,33 @@ def targets(rows):
 
 
 def section(rows, opts, sweep):
+    """Where each network's training step spends its time (per module class, native against
+    reference), then the largest square image each backend restores."""
+    return "\n".join([profile_section(rows, opts), largest_image_section(rows, opts, sweep)])
+
+
+def profile_section(rows, opts):
+    """A per-module time breakdown (benchmarks/breakdown.py) of one training step of each network
+    at the smallest side its training step was measured at in this run, native against reference."""
+    parts = []
+    for name in MODELS:
+        sides = sorted(int(r.pixels ** 0.5) for r in rows
+                       if r.name == f"{name} {MODES['train']}" and r.backend == "native" and r.status == "ok")
+        if not sides:
+            continue
+        x = torch.rand(1, 3, sides[0], sides[0], generator=torch.Generator().manual_seed(0)).to(opts.device)
+        tables = {}
+        for backend in ("native", "reference"):
+            model = _network(name, "train", opts.device, torch.float32)
+            step = make_step(OnBackend(model, backend), [x], "train")
+            tables[backend] = breakdown.module_breakdown(model, step)
+        parts.append(breakdown.render(f"\n{name} training step, B1 3x{sides[0]}x{sides[0]}: self CPU time per module "
+                                      f"class, native (reference for comparison)", tables["native"],
+                                      tables["reference"]))
+    return "\n".join(parts) if parts else "\n(no training step was measured on native: no profile table)"
+
+
+def largest_image_section(rows, opts, sweep):
     """The largest square image each backend restores (no-grad, batch 1) within the budget:
     bisection over fresh processes with --full; other sweeps extrapolate from the measured peaks
     (peak memory is affine in the number of pixels for these networks)."""

@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparse_attn.backends import requested, use_backend
 from sparse_attn.nn import LayerNorm2d
 from sparse_attn.nn.input_checks import check_feature_map
+from sparse_attn.nn.recompute import saved_as_recipe
 
 from .checkpoint import CheckpointMixin
 
@@ -34,8 +36,25 @@ class TransformerBlock(nn.Module):
         self.ffn = feedforward(dim, ffn_expansion_factor, bias)
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.ffn(self.norm2(x))
+        x = x + _normalised(self.norm1, self.attn, x)
+        return x + _normalised(self.norm2, self.ffn, x)
+
+
+def _normalised(norm, sublayer, x):
+    """``sublayer(norm(x))``, saving less for backward: the norm's backward keeps x, and the
+    sublayer's first convolution would keep norm(x) as well; backward makes norm(x) again from x
+    instead (one norm forward, on the backend the forward ran on)."""
+    y = norm(x)
+    backend, kept = requested(norm.backend), x.detach()
+    if backend == "reference":  # the reference backend keeps what the official code keeps
+        return sublayer(y)
+
+    def again():
+        with use_backend(backend):
+            return norm(kept)
+
+    with saved_as_recipe(y, again):
+        return sublayer(y)
 
 
 class OverlapPatchEmbed(nn.Module):

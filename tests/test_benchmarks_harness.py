@@ -165,7 +165,8 @@ def test_every_sweep_builds_its_cases_and_covers_the_targets():
     assert ("MSFN core", "B1 C254 256x256") in shapes and ("MixedScaleFFN", "B1 dim48 256x256") in shapes
     assert ("DRSformer train step", "B1 3x128x128") in shapes and ("DRSformer inference", "B1 3x512x512") in shapes
     assert ("LayerNorm (WithBias)", "B1 C48 256x256") in shapes and ("GDFN core (gelu)", "B1 C254 256x256") in shapes
-    assert ("Restormer train step", "B1 3x128x128") in shapes
+    assert ("Restormer train step", "B1 3x128x128") in shapes and ("Restormer inference", "B1 3x512x512") in shapes
+    assert ("DSGformer train step", "B1 3x128x128") in shapes
     assert ("DRSformer full image", "B1 3x1024x1024") in shapes
     assert ("block-sparse region attention", "B1 heads1 d16 128x128 t=R/4") in shapes
 
@@ -200,3 +201,31 @@ def test_streaming_cold_runs_plot_from_their_csv(tmp_path):
     png = streaming.plot_cold(path, tmp_path / "cold.png")
     assert png.stat().st_size > 10_000
     assert list(csv.DictReader(path.open()))[-1]["how"] == "forward"
+
+
+def test_profile_table_attributes_forward_and_backward_to_modules():
+    from torch import nn
+
+    from benchmarks import breakdown
+    from sparse_attn.nn import GatedDconvFFN, LayerNorm2d
+
+    class Block(nn.Module):  # a class of this test module: not a labelled one
+        def __init__(self):
+            super().__init__()
+            self.norm, self.ffn = LayerNorm2d(8, "WithBias"), GatedDconvFFN(8, 2.0, bias=False)
+
+        def forward(self, x):
+            return self.ffn(self.norm(x)).tanh()
+
+    torch.manual_seed(0)
+    model = Block()
+    x = torch.randn(1, 8, 16, 16)
+    rows = breakdown.module_breakdown(model, lambda: model(x).sum().backward())
+    by_label = {row.label: row for row in rows}
+    assert set(by_label) == {"LayerNorm2d", "GatedDconvFFN", breakdown.OUTSIDE}
+    assert by_label["GatedDconvFFN"].count == 1 and by_label["LayerNorm2d"].count == 1
+    for label in ("LayerNorm2d", "GatedDconvFFN"):
+        assert by_label[label].forward_ms > 0 and by_label[label].backward_ms > 0
+    assert by_label[breakdown.OUTSIDE].count == 0  # tanh, sum and the engine's own work
+    text = breakdown.render("title", rows, rows)
+    assert "GatedDconvFFN" in text and "1.00x" in text

@@ -110,6 +110,32 @@ struct Scratch {
   Scratch() : a(kFrame), b(kFrame), grad(kFrame), dz_a(kFrame), dz_b(kFrame), slope(kFrame) {}
 };
 
+// One row of z = bias + the 3x3 window sums, from the window of its first pixel: a pass of plain
+// multiply-adds, kept apart from the activation so that each loop is one simple vector loop.
+template <typename T>
+GDW_INLINE void conv_row(const T* __restrict window, const T* __restrict taps, T bias, int64_t n, T* __restrict z) {
+  for (int64_t j = 0; j < n; ++j) z[j] = bias + tap_sum<3>(window + j, kLd, taps);
+}
+
+// out = act(za)·zb along a row. The activation's selects are branch-free only because the
+// extension is built with -fno-trapping-math (setup.py): without it GCC will not if-convert a
+// float comparison and the loop stays scalar.
+template <int Act, typename T>
+GDW_INLINE void gate_row(const T* __restrict za, const T* __restrict zb, T slope, int64_t n, T* __restrict out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = activation<Act>(za[j], slope) * zb[j];
+}
+
+// The gate's backward along a row: dz of both halves (and the slope's per-pixel terms for PReLU).
+template <int Act, typename T>
+GDW_INLINE void gate_grad_row(const T* __restrict za, const T* __restrict zb, const T* __restrict grad, T slope,
+                              int64_t n, T* __restrict dz_a, T* __restrict dz_b, T* __restrict dslope) {
+  for (int64_t j = 0; j < n; ++j) {
+    dz_a[j] = grad[j] * zb[j] * activation_grad<Act>(za[j], slope);
+    dz_b[j] = grad[j] * activation<Act>(za[j], slope);
+    if constexpr (Act == kPrelu) dslope[j] = grad[j] * zb[j] * activation_slope_grad<Act>(za[j]);
+  }
+}
+
 // One (batch, group, tile) of the forward.
 template <int Act, typename T>
 GDW_INLINE void forward_task(const Geometry& g, const Params<T>& p, const T* x, T* out, int64_t item,
@@ -126,14 +152,12 @@ GDW_INLINE void forward_task(const Geometry& g, const Params<T>& p, const T* x, 
   std::copy(p.weight + cb * 9, p.weight + cb * 9 + 9, taps_b);
   const T bias_a = p.bias_of(ca), bias_b = p.bias_of(cb), slope = p.slope;
   T* out_plane = out + (b * g.hidden + grp) * g.plane();
+  const int64_t n = tile.j1 - tile.j0;
+  T za[kLd], zb[kLd];
   for (int64_t i = kHalo; i < kHalo + tile.i1 - tile.i0; ++i) {
-    const T* __restrict wa = s.a.data() + (i - 1) * kLd + kHalo - 1;
-    const T* __restrict wb = s.b.data() + (i - 1) * kLd + kHalo - 1;
-    T* __restrict dst = out_plane + (tile.top() + i) * g.width + tile.j0;
-    for (int64_t j = 0; j < tile.j1 - tile.j0; ++j) {
-      const T za = bias_a + tap_sum<3>(wa + j, kLd, taps_a), zb = bias_b + tap_sum<3>(wb + j, kLd, taps_b);
-      dst[j] = activation<Act>(za, slope) * zb;
-    }
+    conv_row(s.a.data() + (i - 1) * kLd + kHalo - 1, taps_a, bias_a, n, za);
+    conv_row(s.b.data() + (i - 1) * kLd + kHalo - 1, taps_b, bias_b, n, zb);
+    gate_row<Act>(za, zb, slope, n, out_plane + (tile.top() + i) * g.width + tile.j0);
   }
 }
 
@@ -198,19 +222,14 @@ GDW_INLINE void backward_task(const Geometry& g, const Params<T>& p, const GradL
   std::fill(s.dz_a.begin(), s.dz_a.end(), T(0));
   std::fill(s.dz_b.begin(), s.dz_b.end(), T(0));
   if (Act == kPrelu) std::fill(s.slope.begin(), s.slope.end(), T(0));
+  const int64_t n = cols1.end - cols1.begin;
+  T za[kLd], zb[kLd];
   for (int64_t i = rows1.begin; i < rows1.end; ++i) {
-    const T* __restrict wa = s.a.data() + (i - 1) * kLd - 1;
-    const T* __restrict wb = s.b.data() + (i - 1) * kLd - 1;
-    const T* __restrict gr = s.grad.data() + i * kLd;
-    T* __restrict da = s.dz_a.data() + i * kLd;
-    T* __restrict db = s.dz_b.data() + i * kLd;
-    T* __restrict ds = s.slope.data() + i * kLd;
-    for (int64_t j = cols1.begin; j < cols1.end; ++j) {
-      const T za = bias_a + tap_sum<3>(wa + j, kLd, taps_a), zb = bias_b + tap_sum<3>(wb + j, kLd, taps_b);
-      da[j] = gr[j] * zb * activation_grad<Act>(za, slope);
-      db[j] = gr[j] * activation<Act>(za, slope);
-      if (Act == kPrelu) ds[j] = gr[j] * zb * activation_slope_grad<Act>(za);
-    }
+    const int64_t row = i * kLd + cols1.begin;
+    conv_row(s.a.data() + row - kLd - 1, taps_a, bias_a, n, za);
+    conv_row(s.b.data() + row - kLd - 1, taps_b, bias_b, n, zb);
+    gate_grad_row<Act>(za, zb, s.grad.data() + row, slope, n, s.dz_a.data() + row, s.dz_b.data() + row,
+                       s.slope.data() + row);
   }
   double* partial = partials + (b * g.tiles() + t) * layout.total;
   backward_channel(s.dz_a.data(), s.a.data(), taps_a, tile, g.width, partial + layout.weight + ca * 9,

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..ops import gated_dwconv
+from .gated_dconv_ffn import gate_and_project
 from .input_checks import autocast_parameters, check_feature_map
 
 GATES = ("gelu", "relu2")
@@ -90,7 +90,7 @@ class FrequencyGatedFFN(nn.Module):
         if x.shape[0] == 0:  # the op takes no empty tensor; an empty batch has h channels here
             return self.project_out(x[:, :self.hidden_features])
         weight, bias = autocast_parameters(x, self.dwconv.weight, self.dwconv.bias)
-        return self.project_out(gated_dwconv(x, weight, bias, self.gate, backend=self.backend))
+        return gate_and_project(x, weight, bias, self.gate, None, self.backend, self.project_out)
 
     def extra_repr(self):
         return f"dim={self.dim}, hidden_features={self.hidden_features}, gate={self.gate!r}"
