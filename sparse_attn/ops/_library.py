@@ -50,6 +50,11 @@ class Kernels:
     launchers: Any = None
 
 
+def first_output(outputs):
+    """The public result of a forward op whose later outputs are statistics kept for backward."""
+    return outputs[0]
+
+
 @dataclasses.dataclass(frozen=True)
 class OpTable:
     """Everything about an op that is not a kernel.
