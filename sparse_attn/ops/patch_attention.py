@@ -17,6 +17,11 @@ import torch
 from ..reference import patch_attention as reference_patch_attention
 from . import _library
 
+try:
+    from ..kernels import patch_attention as triton_launchers
+except ImportError:  # no Triton here: the backend says so when asked for
+    triton_launchers = None
+
 
 # ---------------------------------------------------------------------------------------------
 # Contract
@@ -129,6 +134,18 @@ def _backward(ctx, backward_op, grad_out, *_grads_of_saved):
 # ---------------------------------------------------------------------------------------------
 # Backends
 # ---------------------------------------------------------------------------------------------
+def _triton_limits(q, keys, values, scale, topk, key_eps):
+    """The kernels keep a query's best keys as one sorted row of BLOCK_M ranks (t = M is the
+    dense softmax and needs none); the batch and the channels are grid dimensions."""
+    n_keys = sum(k.shape[2] * k.shape[3] for k in keys)
+    if triton_launchers.MAX_TOPK < topk < n_keys:
+        return (f"its kernels keep at most {triton_launchers.MAX_TOPK} keys per query (topk), "
+                f"got topk = {topk} of M = {n_keys}")
+    if q.shape[0] >= 65536 or max(q.shape[1], values[0].shape[1]) >= 65536:
+        return f"its kernels take B and channel counts below 65536, got {tuple(q.shape)}"
+    return None
+
+
 _OP = _library.plug(_library.OpTable(
     name="patch_attention",
     arguments=_check_arguments,
@@ -141,6 +158,9 @@ _OP = _library.plug(_library.OpTable(
     native=_library.Kernels(
         forward="patch_attention_forward", backward="patch_attention_backward",
         dtypes={"cpu": (torch.float32, torch.float64)}),
+    triton=_library.Kernels(
+        forward="patch_attention_triton_forward", backward="patch_attention_triton_backward",
+        dtypes=_library.TRITON_DTYPES, limits=_triton_limits, launchers=triton_launchers),
 ))
 
 
