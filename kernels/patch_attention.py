@@ -354,7 +354,7 @@ def patch_attention_grad_kv_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, inv_norm_p
                                  n_keys, cv, BLOCK_N, BLOCK_M, C_BLOCK, DOT_PRECISION)
             delta = tl.load(delta_ptr + b * n_queries + queries, mask=query_ok, other=0.0)
             grad_scores = p * (dp - delta[:, None])
-            key_dot += tl.sum(tl.where(key_ok[None, :], grad_scores * s, 0.0), axis=0)
+            key_dot += tl.sum(grad_scores * tl.where(key_ok[None, :], s, 0.0), axis=0)  # s = −∞ past the level
             query_patches = _patch_tile(q_base, queries, query_ok, height, width, 0, n_queries, c0, cq, C_BLOCK)
             acc = tl.dot(tl.trans(grad_scores).to(query_patches.dtype), query_patches, acc,
                          input_precision=DOT_PRECISION)
