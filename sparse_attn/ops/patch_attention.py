@@ -129,6 +129,19 @@ def _backward(ctx, backward_op, grad_out, *_grads_of_saved):
 # ---------------------------------------------------------------------------------------------
 # Backends
 # ---------------------------------------------------------------------------------------------
+def _native_limits(q, keys, values, scale, topk, key_eps):
+    """The CUDA kernels' bounds (csrc/cuda/patch_attention.cu checks the same): each query's top t
+    kept in a heap of 64 in local memory, the level table (16) a kernel argument. Their loops
+    stride over the grid, so no size is beyond the grid."""
+    if q.device.type != "cuda":
+        return None
+    if topk > 64:
+        return f"its CUDA kernels keep at most 64 keys per query (a heap per query), got topk = {topk}"
+    if len(keys) > 16:
+        return f"its CUDA kernels take at most 16 levels, got {len(keys)}"
+    return None
+
+
 _OP = _library.plug(_library.OpTable(
     name="patch_attention",
     arguments=_check_arguments,
@@ -140,7 +153,8 @@ _OP = _library.plug(_library.OpTable(
     backward=_backward,
     native=_library.Kernels(
         forward="patch_attention_forward", backward="patch_attention_backward",
-        dtypes={"cpu": (torch.float32, torch.float64)}),
+        dtypes={"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64)},
+        limits=_native_limits),
 ))
 
 
