@@ -126,7 +126,9 @@ def test_native_limits_are_reported_not_crashed_on():
     q, keys, values = split(cuda_inputs(SHAPES[1]))
     with pytest.raises(backends.BackendUnavailable, match="at most 64 keys per query"):
         sparse_attn.patch_attention(q, keys, values, topk=CUDA_MAX_TOPK + 1, backend="native")
-    assert backends.explain(sparse_attn.patch_attention, q, keys, values, topk=CUDA_MAX_TOPK + 1).chosen != "native"
+    over = backends.explain(sparse_attn.patch_attention, q, keys, values, topk=CUDA_MAX_TOPK + 1)
+    assert over.chosen != "native" and "at most 64 keys per query" in over.reasons["native"]
+    assert backends.explain(sparse_attn.patch_attention, q, keys, values, topk=CUDA_MAX_TOPK).reasons["native"] is None
     with pytest.raises(RuntimeError, match="topk of at most 64"):  # the C++ check, for direct calls
         torch.ops.sparse_attn.patch_attention_forward(q, keys, values, 10.0, CUDA_MAX_TOPK + 1, 1e-4)
     tiny = torch.randn(1, 2, 1, 1, device="cuda", dtype=torch.float64)
