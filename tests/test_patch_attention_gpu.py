@@ -101,7 +101,8 @@ def test_opcheck(backend, topk):
     shape = (2, 3, 2, (3, 5), [(3, 5), (2, 4)])
     checked = opcheck_every_custom_op(op_fn(backend, 2.0, topk), cuda_inputs(shape, torch.float32))
     if backend == "native":
-        assert checked == ["sparse_attn.patch_attention_backward.default", "sparse_attn.patch_attention_forward.default"]
+        assert checked == ["sparse_attn.patch_attention_backward.default",
+                           "sparse_attn.patch_attention_forward.default"]
 
 
 def test_native_gradcheck():

@@ -434,7 +434,8 @@ unsigned blocks_for(int64_t threads) {
 // (B, C, H_l, W_l) maps as one pixel-major (B, Σ H_l·W_l, C) tensor, level after level.
 Tensor pixel_major(at::TensorList maps) {
   std::vector<Tensor> parts;
-  for (const Tensor& t : maps) parts.push_back(t.permute({0, 2, 3, 1}).reshape({t.size(0), t.size(2) * t.size(3), t.size(1)}));
+  for (const Tensor& t : maps)
+    parts.push_back(t.permute({0, 2, 3, 1}).reshape({t.size(0), t.size(2) * t.size(3), t.size(1)}));
   return at::cat(parts, 1).contiguous();
 }
 
@@ -529,7 +530,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_cuda(const Tensor& q_
     pr.inverse_norm = inverse_norm.const_data_ptr<T>();
     const unsigned query_blocks = blocks_for(batch * n_queries * kWarp);
     query_statistics_kernel<T><<<query_blocks, kBlockThreads, 0, stream>>>(
-        pr, topk, lse.mutable_data_ptr<double>(), threshold.mutable_data_ptr<T>(), last_kept.mutable_data_ptr<int64_t>());
+        pr, topk, lse.mutable_data_ptr<double>(), threshold.mutable_data_ptr<T>(),
+        last_kept.mutable_data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     pr.threshold = threshold.const_data_ptr<T>();
     pr.last_kept = last_kept.const_data_ptr<int64_t>();
@@ -583,7 +585,8 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> backward_cuda(
     pr.threshold = threshold.const_data_ptr<T>();
     pr.last_kept = last_kept.const_data_ptr<int64_t>();
     const auto shifts = probability_shifts(pr, lse, stream);
-    const unsigned query_blocks = blocks_for(batch * n_queries * kWarp), key_blocks = blocks_for(batch * n_keys * kWarp);
+    const unsigned query_blocks = blocks_for(batch * n_queries * kWarp);
+    const unsigned key_blocks = blocks_for(batch * n_keys * kWarp);
 
     Tensor delta = at::empty({batch, n_queries}, q_in.options());
     query_delta_kernel<T><<<query_blocks, kBlockThreads, 0, stream>>>(pr, delta.mutable_data_ptr<T>());
