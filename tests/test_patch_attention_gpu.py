@@ -27,8 +27,15 @@ LARGE_SHAPE = (2, 8, 6, (23, 29), [(23, 29), (20, 26), (17, 22)])
 GPU_SHAPES = SHAPES + [WIDE_SHAPE, LARGE_SHAPE]
 
 
-def topk_values(shape):
+def topk_values(shape, dtype):
+    """Dense, 1, 5, M (at most the heap). On LARGE_SHAPE in float32 only dense and 1: among ~1500
+    keys per query the t-th and (t+1)-th scores come within float32's rounding for some query with
+    a fair chance (gaps ~0.04 against errors ~1e-6, over 1334 queries), and the kernel and the
+    float32 reference may then rightly keep different keys; float64 and the exact ties cover the
+    rule."""
     m = n_keys(shape)
+    if shape is LARGE_SHAPE and dtype == torch.float32:
+        return [None, 1]
     return [None, 1, min(5, m), min(m, CUDA_MAX_TOPK)]
 
 
@@ -48,7 +55,7 @@ def require(backend, dtype=torch.float32):
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=shape_id)
 def test_matches_reference(backend, shape, dtype):
     require(backend, dtype)
-    for topk in topk_values(shape):
+    for topk in topk_values(shape, dtype):
         assert_backend_close(backend, shape, dtype, topk, zero_keys=shape[3][0] >= 4, device="cuda")
 
 
