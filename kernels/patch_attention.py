@@ -461,15 +461,11 @@ def _fold(patches, out, first=0):
     return out
 
 
-def _dense(topk, n_keys):
-    return topk == 0 or topk == n_keys  # keeping every key is the dense softmax
-
-
 def forward(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], scale: float, topk: int,
             key_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The op's forward: out (B, Cv, H, W) of q's dtype; for backward the key inverse norms (B, M)
     fp32, each query's log-sum-exp (B, N) float64, its top-k threshold (B, N) fp32 (−∞ when dense)
-    and the last key kept at it (B, N) int64. topk: 0 for every key, else 1..MAX_TOPK or M."""
+    and the last key kept at it (B, N) int64. topk: 0 for every key, else 1..MAX_TOPK."""
     q, k_flat, v_flat = q.contiguous(), _flat(keys), _flat(values)
     batch, cq, height, width = q.shape
     n_queries, n_keys, cv = height * width, k_flat.shape[2], v_flat.shape[1]
@@ -481,7 +477,7 @@ def forward(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor
     blocks = _blocks(q.dtype)
     query_tiles = triton.cdiv(n_queries, BLOCK_N)
     launch(patch_attention_statistics_kernel, (query_tiles, batch), q, k_flat, inverse_norm, levels, lse, threshold,
-           last_kept, cq, height, width, n_keys, len(keys), topk, scale, DENSE=_dense(topk, n_keys), **blocks)
+           last_kept, cq, height, width, n_keys, len(keys), topk, scale, DENSE=topk == 0, **blocks)
     patches = q.new_empty((batch, 9, cv, n_queries), dtype=torch.float32)
     launch(patch_attention_attend_kernel, (query_tiles, triton.cdiv(cv, C_BLOCK), batch), q, k_flat, v_flat,
            inverse_norm, levels, lse, threshold, last_kept, patches, cq, cv, height, width, n_keys, len(keys), scale,

@@ -106,9 +106,10 @@ def direct_patch_attention(q, keys, values, scale=10.0, topk=None, key_eps=1e-4)
     return out[:, :, 1:-1, 1:-1]
 
 
-def assert_backend_close(backend, shape, dtype, topk=None, ties=False, zero_keys=False, scale=10.0):
-    """``backend`` in ``dtype`` against the float64 reference: output and every gradient."""
-    inputs = make_inputs(shape, ties=ties, zero_keys=zero_keys)
+def assert_backend_close(backend, shape, dtype, topk=None, ties=False, zero_keys=False, scale=10.0, device="cpu"):
+    """``backend`` in ``dtype`` against the float64 reference (both on ``device``): output and
+    every gradient."""
+    inputs = [t.to(device) for t in make_inputs(shape, ties=ties, zero_keys=zero_keys)]
     key_eps = TIES_KEY_EPS if ties else 1e-4
     assert_matches_float64_reference(op_fn(backend, scale, topk, key_eps), op_fn("reference", scale, topk, key_eps),
                                      inputs, dtype,

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "common/patch_attention.h"
+#include "common/patch_attention_args.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #define PATCH_HAS_AVX2_CLONE 1
@@ -474,7 +475,7 @@ void tile_grad_probs(const Problem<T>& pr, Workspace<T>& ws, const HaloRect& qr,
 }
 
 // ---------------------------------------------------------------------------------------------
-// Per-key inverse norms, the top-k heap, and the fold of per-tile halo buffers
+// Per-key inverse norms and the fold of per-tile halo buffers
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 void inverse_norms(const std::vector<Map<T>>& keys, T key_eps, T* out) {
@@ -483,48 +484,12 @@ void inverse_norms(const std::vector<Map<T>>& keys, T key_eps, T* out) {
     for (int64_t c = 0; c < k.channels; ++c)
       for (int64_t i = 0; i < k.rows * k.cols; ++i) pixel_sq[i] += k.data[c * k.rows * k.cols + i] * k.data[c * k.rows * k.cols + i];
     for (int64_t y = 0; y < k.rows; ++y)
-      for (int64_t x = 0; x < k.cols; ++x) {
-        T sum = T(0);
-        for (int64_t yy = std::max<int64_t>(y - 1, 0); yy <= std::min(y + 1, k.rows - 1); ++yy)
-          for (int64_t xx = std::max<int64_t>(x - 1, 0); xx <= std::min(x + 1, k.cols - 1); ++xx) sum += pixel_sq[yy * k.cols + xx];
-        out[y * k.cols + x] = key_inverse_norm(sum, key_eps);
-      }
+      for (int64_t x = 0; x < k.cols; ++x)
+        out[y * k.cols + x] =
+            key_inverse_norm(box_sum<T>(k.rows, k.cols, y, x, [&](int64_t i) { return pixel_sq[i]; }), key_eps);
     out += k.rows * k.cols;
   }
 }
-
-// A query's t best (score, key) so far: a binary heap with the worst at the root.
-template <typename T>
-struct TopHeap {
-  std::pair<T, int64_t>* items;
-  int64_t size = 0, capacity;
-  static bool worse(const std::pair<T, int64_t>& a, const std::pair<T, int64_t>& b) {
-    return ranks_before(b.first, b.second, a.first, a.second);
-  }
-  void offer(T score, int64_t key) {
-    std::pair<T, int64_t> item{score, key};
-    if (size < capacity) {
-      int64_t i = size++;
-      while (i > 0 && worse(item, items[(i - 1) / 2])) {
-        items[i] = items[(i - 1) / 2];
-        i = (i - 1) / 2;
-      }
-      items[i] = item;
-      return;
-    }
-    if (!worse(items[0], item)) return;
-    int64_t i = 0;
-    for (;;) {
-      int64_t child = 2 * i + 1;
-      if (child >= size) break;
-      if (child + 1 < size && worse(items[child + 1], items[child])) ++child;
-      if (!worse(items[child], item)) break;
-      items[i] = items[child];
-      i = child;
-    }
-    items[i] = item;
-  }
-};
 
 // out (C, rows, cols) = the sum, in tile order, of every tile's halo buffer (kHaloPixels × C,
 // pixel-major) over the grid's tiles.
@@ -555,26 +520,6 @@ void fold_tiles(const Grid& grid, const T* buffers, int64_t channels, T* out) {
 // ---------------------------------------------------------------------------------------------
 // Operands
 // ---------------------------------------------------------------------------------------------
-void check_operands(const Tensor& q, at::TensorList keys, at::TensorList values) {
-  TORCH_CHECK(q.dim() == 4, "q: expected (B, Cq, H, W), got ", q.sizes());
-  TORCH_CHECK(!keys.empty() && keys.size() == values.size(), "keys, values: expected the same number (> 0) of levels");
-  for (size_t l = 0; l < keys.size(); ++l) {
-    TORCH_CHECK(keys[l].dim() == 4 && keys[l].size(0) == q.size(0) && keys[l].size(1) == q.size(1),
-                "keys[", l, "]: expected (B, Cq, H_l, W_l) with q's B and Cq, got ", keys[l].sizes());
-    TORCH_CHECK(values[l].dim() == 4 && values[l].size(0) == q.size(0) && values[l].size(1) == values[0].size(1) &&
-                    values[l].size(2) == keys[l].size(2) && values[l].size(3) == keys[l].size(3),
-                "values[", l, "]: expected (B, Cv, H_l, W_l) matching keys[", l, "], got ", values[l].sizes());
-    TORCH_CHECK(keys[l].scalar_type() == q.scalar_type() && values[l].scalar_type() == q.scalar_type(),
-                "keys, values: expected q's dtype");
-  }
-}
-
-std::vector<Tensor> contiguous_all(at::TensorList maps) {
-  std::vector<Tensor> out;
-  for (const Tensor& t : maps) out.push_back(t.contiguous());
-  return out;
-}
-
 template <typename T>
 Problem<T> problem_of(const Tensor& q, const std::vector<Tensor>& keys, const std::vector<Tensor>& values, int64_t b,
                       double scale, int64_t topk, double key_eps) {
@@ -611,7 +556,7 @@ void forward_query_tile(const Problem<T>& pr, Workspace<T>& ws, int64_t tile, do
   // Pass 1: each query's log-sum-exp (online), or its t best keys.
   T row_max[kTilePixels];
   double row_sum[kTilePixels];  // summed in double: M reaches tens of thousands of keys
-  std::vector<std::pair<T, int64_t>> heap_items(pr.dense() ? 0 : np * pr.topk);
+  std::vector<ScoredKey<T>> heap_items(pr.dense() ? 0 : np * pr.topk);
   std::vector<TopHeap<T>> heaps;
   for (int64_t p = 0; p < np; ++p) {
     row_max[p] = -std::numeric_limits<T>::infinity();
@@ -641,19 +586,10 @@ void forward_query_tile(const Problem<T>& pr, Workspace<T>& ws, int64_t tile, do
     const int64_t query = query_of(p);
     if (!pr.dense()) {
       const TopHeap<T>& h = heaps[p];
-      const T threshold = h.items[0].first;
-      int64_t last = h.items[0].second;
-      T best = threshold;
-      for (int64_t i = 0; i < h.size; ++i) {
-        best = std::max(best, h.items[i].first);
-        if (h.items[i].first == threshold) last = std::max(last, h.items[i].second);
-      }
-      double sum = 0.0;
-      for (int64_t i = 0; i < h.size; ++i) sum += std::exp(double(h.items[i].first) - double(best));
-      row_max[p] = best;
-      row_sum[p] = sum;
-      threshold_out[query] = threshold;
-      last_out[query] = last;
+      row_max[p] = h.best();
+      row_sum[p] = h.sum_exp(row_max[p]);
+      threshold_out[query] = h.threshold();
+      last_out[query] = h.last_kept();
     } else {
       threshold_out[query] = -std::numeric_limits<T>::infinity();
       last_out[query] = pr.n_keys - 1;
@@ -679,8 +615,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& q_i
   const Tensor q = q_in.contiguous();
   const std::vector<Tensor> keys = contiguous_all(keys_in), values = contiguous_all(values_in);
   const int64_t batch = q.size(0), n_queries = q.size(2) * q.size(3), cv = values[0].size(1);
-  int64_t n_keys = 0;
-  for (const Tensor& k : keys) n_keys += k.size(2) * k.size(3);
+  const int64_t n_keys = key_count(keys);
   TORCH_CHECK(topk >= 0 && topk <= n_keys, "topk: expected 0 (dense) or 1..", n_keys, ", got ", topk);
   Tensor out = at::empty({batch, cv, q.size(2), q.size(3)}, q.options());
   Tensor inverse_norm = at::empty({batch, n_keys}, q.options());
@@ -805,6 +740,8 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> backward_cpu(
     const Tensor& inverse_norm_in, const Tensor& lse_in, const Tensor& threshold_in, const Tensor& last_kept_in,
     double scale, int64_t topk, double key_eps) {
   check_operands(q_in, keys_in, values_in);
+  check_grad_out(grad_out_in, q_in, values_in);
+  check_statistics(q_in, key_count(keys_in), inverse_norm_in, lse_in, threshold_in, last_kept_in);
   const Tensor q = q_in.contiguous(), grad_out = grad_out_in.contiguous().to(q.scalar_type());
   const std::vector<Tensor> keys = contiguous_all(keys_in), values = contiguous_all(values_in);
   const Tensor inverse_norm = inverse_norm_in.contiguous(), lse = lse_in.contiguous(),
@@ -881,9 +818,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> backward_cpu(
           w[m] = key_norm_clamped(r[m], static_cast<T>(key_eps)) ? T(0) : r[m] * r[m] * dot[m];
         for (int64_t y = 0; y < k.rows; ++y)
           for (int64_t x = 0; x < k.cols; ++x) {
-            T sum = T(0);
-            for (int64_t yy = std::max<int64_t>(y - 1, 0); yy <= std::min(y + 1, k.rows - 1); ++yy)
-              for (int64_t xx = std::max<int64_t>(x - 1, 0); xx <= std::min(x + 1, k.cols - 1); ++xx) sum += w[yy * k.cols + xx];
+            const T sum = box_sum<T>(k.rows, k.cols, y, x, [&](int64_t i) { return w[i]; });
             for (int64_t c = 0; c < cq; ++c) dk[c * plane + y * k.cols + x] -= k.at(c, y, x) * sum;
           }
         first_tile += level_grid.count();

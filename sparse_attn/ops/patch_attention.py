@@ -49,7 +49,7 @@ def _check_level_maps(name, maps, q):
 
 def _check_arguments(q, keys, values, scale=10.0, topk=None, key_eps=1e-4):
     """Validate the inputs; returns the kernel arguments: q, the key and value maps as lists,
-    scale and key_eps as floats, topk as an int (0: every key)."""
+    scale and key_eps as floats, topk as an int (0: every key, also for topk = M)."""
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q: expected a tensor, got {type(q).__name__}")
     if q.dim() != 4:
@@ -82,7 +82,9 @@ def _check_arguments(q, keys, values, scale=10.0, topk=None, key_eps=1e-4):
             raise TypeError(f"topk: expected None or an integer, got {type(topk).__name__}")
         if not 1 <= topk <= n_keys:
             raise ValueError(f"topk = {topk} is outside 1..M = 1..{n_keys} (M: key positions over every level)")
-    return q, list(keys), list(values), float(scale), int(topk or 0), float(key_eps)
+    # Keeping all M keys is the dense softmax: the kernels take it as such (0), with no top-k.
+    topk = 0 if topk is None or topk == n_keys else int(topk)
+    return q, list(keys), list(values), float(scale), topk, float(key_eps)
 
 
 def _reference(q, keys, values, scale, topk, key_eps):
@@ -134,13 +136,24 @@ def _backward(ctx, backward_op, grad_out, *_grads_of_saved):
 # ---------------------------------------------------------------------------------------------
 # Backends
 # ---------------------------------------------------------------------------------------------
+def _native_limits(q, keys, values, scale, topk, key_eps):
+    """The CUDA kernels' bounds (csrc/cuda/patch_attention.cu checks the same): each query's top t
+    kept in a heap of 64 in local memory, the level table (16) a kernel argument. Their loops
+    stride over the grid, so no size is beyond the grid."""
+    if q.device.type != "cuda":
+        return None
+    if topk > 64:
+        return f"its CUDA kernels keep at most 64 keys per query (a heap per query), got topk = {topk}"
+    if len(keys) > 16:
+        return f"its CUDA kernels take at most 16 levels, got {len(keys)}"
+    return None
+
+
 def _triton_limits(q, keys, values, scale, topk, key_eps):
-    """The kernels keep a query's best keys as one sorted row of BLOCK_M ranks (t = M is the
-    dense softmax and needs none); the batch and the channels are grid dimensions."""
-    n_keys = sum(k.shape[2] * k.shape[3] for k in keys)
-    if triton_launchers.MAX_TOPK < topk < n_keys:
-        return (f"its kernels keep at most {triton_launchers.MAX_TOPK} keys per query (topk), "
-                f"got topk = {topk} of M = {n_keys}")
+    """The kernels keep a query's best keys in a row of BLOCK_M rank slots; the batch and the
+    channels are grid dimensions."""
+    if topk > triton_launchers.MAX_TOPK:
+        return f"its kernels keep at most {triton_launchers.MAX_TOPK} keys per query (topk), got topk = {topk}"
     if q.shape[0] >= 65536 or max(q.shape[1], values[0].shape[1]) >= 65536:
         return f"its kernels take B and channel counts below 65536, got {tuple(q.shape)}"
     return None
@@ -157,7 +170,8 @@ _OP = _library.plug(_library.OpTable(
     backward=_backward,
     native=_library.Kernels(
         forward="patch_attention_forward", backward="patch_attention_backward",
-        dtypes={"cpu": (torch.float32, torch.float64)}),
+        dtypes={"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64)},
+        limits=_native_limits),
     triton=_library.Kernels(
         forward="patch_attention_triton_forward", backward="patch_attention_triton_backward",
         dtypes=_library.TRITON_DTYPES, limits=_triton_limits, launchers=triton_launchers),
