@@ -49,12 +49,16 @@ def backend_cases(slow_backends=("triton",), known_failures=None):
 
 
 # Measured on the fixture (float32 against float64, once the op kept its log-sum-exp in double):
+# Triton (in the interpreter) errs on the same two slopes, 5.0x on conv_match_L_base.1 (9.9e-5 vs
+# 2.0e-5); its output and every other gradient are within the rule.
 # native's output and input gradient are as close as the float32 reference's (1.2x, 0.9x), and
 # so are the convolution gradients (0.5x-1.3x); the two PReLU slopes' gradients, sums over the
 # whole map with cancellation, are 3.0x (conv_match_L_base.1: 5.9e-5 vs 2.0e-5) and 3.5x
 # (conv_match.1: 1.3e-4 vs 3.7e-5), over the 2x rule. Open.
 NATIVE_FLOAT32_ACCURACY = ("native patch_attention in float32: the PReLU slopes' gradients are 3.0x and 3.5x "
                            "further from float64 than the float32 reference's on this fixture (rule: 2x)")
+TRITON_FLOAT32_ACCURACY = ("triton patch_attention in float32: a PReLU slope's gradient is 5.0x further from "
+                           "float64 than the float32 reference's on this fixture (rule: 2x)")
 
 
 def _randomise(module, seed=1):
@@ -120,7 +124,8 @@ def test_module_state_dict_is_the_official_one():
 
 @needs_fixtures
 @pytest.mark.parametrize("backend, dtype", list(backend_cases(
-    slow_backends=(), known_failures={("native", torch.float32): NATIVE_FLOAT32_ACCURACY})))
+    known_failures={("native", torch.float32): NATIVE_FLOAT32_ACCURACY,
+                    ("triton", torch.float32): TRITON_FLOAT32_ACCURACY})))
 def test_module_fixture_parity(backend, dtype):
     """Output and the gradient of the input and of every parameter against the official module's
     float64 ones: within 1e-10 in float64; in float32 within twice the error of the reference
@@ -318,21 +323,30 @@ def test_panet_checkpoint_with_disagreeing_copies_of_the_shared_slope_is_refused
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_panet_any_size(backend):
+    """A 9×14 image (odd pyramid levels), B = 2: against the reference in float64, or (a backend
+    without float64) against float64 within twice the float32 reference's own error."""
     dtype = torch.float64 if why_unavailable(backend, torch.float64) is None else torch.float32
     skip_unless_runs(backend, dtype)
-    net = _randomise(PANet(n_resblocks=2, n_feats=8, n_colors=1)).to(dtype)
-    x = torch.randn(2, 1, 9, 14, dtype=dtype)
-    with torch.no_grad():
-        with sparse_attn.use_backend("reference"):
-            expected = net(x)
-        with sparse_attn.use_backend(backend):
-            out = net(x)
+    net = _randomise(PANet(n_resblocks=2, n_feats=8, n_colors=1)).double()
+    x = torch.randn(2, 1, 9, 14, dtype=torch.float64)
+
+    def run(on, in_dtype):
+        with torch.no_grad(), sparse_attn.use_backend(on):
+            return net.to(in_dtype)(x.to(in_dtype)).double()
+
+    truth, out = run("reference", torch.float64), run(backend, dtype)
     assert out.shape == x.shape
-    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
-    torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
+    if dtype == torch.float64:
+        torch.testing.assert_close(out, truth, rtol=1e-12, atol=1e-12)
+    else:
+        own = (run("reference", dtype) - truth).abs().max().item()
+        floor = FLOOR_ULPS[dtype] * torch.finfo(dtype).eps * truth.abs().max().item()
+        assert (out - truth).abs().max().item() <= 2 * own + floor
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+# Triton's interpreter takes minutes for these steps: the slow tier (its op is in the fast one).
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=[pytest.mark.slow] if b == "triton" else [])
+                                     for b in BACKENDS if b != "reference"])
 def test_panet_trains_alike_on_every_backend(backend):
     """A few SGD steps of a small PANet: losses and final gradients as on the reference."""
     dtype = torch.float64 if why_unavailable(backend, torch.float64) is None else torch.float32
