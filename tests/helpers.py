@@ -132,8 +132,8 @@ def opcheck_every_custom_op(call, inputs):
                 args = [a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                         for a in args]
             else:  # backward ops have no autograd of their own: as autograd calls them, detached
-                args = [[t.detach() for t in a] if isinstance(a, list) else a.detach() if isinstance(a, torch.Tensor)
-                        else a for a in args]
+                detach = lambda t: t.detach() if isinstance(t, torch.Tensor) else t  # noqa: E731
+                args = [[detach(t) for t in a] if isinstance(a, list) else detach(a) for a in args]
             torch.library.opcheck(op, tuple(args), kwargs)
     return sorted({str(op) for recorder in (forward, backward) for op, _, _ in recorder.calls})
 
