@@ -26,7 +26,7 @@ class Target:
     value: object        # the measured figure, None when it was not measured
     op: str              # ">=" or "<="
     threshold: float
-    unit: str = "x"      # "x" a ratio, "%" a fraction shown as a percentage, "e" an error
+    unit: str = "x"      # "x" a ratio, "%" a fraction shown as a percentage, "e" an error, "GiB" memory
 
     @property
     def verdict(self):
@@ -46,6 +46,8 @@ def _format_value(value, unit):
         return f"{100 * value:.0f}%"
     if unit == "e":
         return f"{value:.1e}"
+    if unit == "GiB":
+        return f"{value:.2f} GiB"
     return f"{value:.2f}x"
 
 

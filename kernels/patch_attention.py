@@ -18,7 +18,8 @@ express. What it keeps is the point of the op: nothing of size N×M is ever stor
 
   statistics  per query tile, streaming every key tile: the log-sum-exp of the scores (the sum in
               float64), or with topk the t best keys, kept as (score, key) ranks in a row of
-              BLOCK_M slots where each key tile's better ranks replace the worst one by one, giving the threshold, the last key kept at it (the tie rule) and the lse.
+              BLOCK_M slots where each key tile's better ranks replace the worst one by one;
+              the worst kept is the threshold and the last key kept at it (the tie rule).
   attend      per (query tile, value channel block): O_p = Σ_m A_pm V_m with A = exp(s − lse),
               into a patch buffer (B, 9, Cv, N), then `fold` pastes the patches back.
   backward    D_p = Σ_m A_pm dP_pm (dP = ⟨unfold(dout)_p, V_m⟩) per query tile; dQ per (query

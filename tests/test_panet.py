@@ -35,26 +35,22 @@ def skip_unless_runs(backend, dtype):
         pytest.skip(reason)
 
 
-def backend_cases(slow_backends=("triton",), known_failures=None):
+def backend_cases(slow_backends=("triton",)):
     """(backend, dtype) for every backend here in float64 and float32; the Triton interpreter's
-    (a minute per network forward on 2 cores) in the slow tier. ``known_failures``:
-    {(backend, dtype): reason}, marked strict xfail (they must start passing once fixed)."""
+    (a minute per network forward on 2 cores) in the slow tier."""
     for backend in BACKENDS:
         for dtype in (torch.float64, torch.float32):
             marks = [pytest.mark.slow] if backend in slow_backends else []
-            reason = (known_failures or {}).get((backend, dtype))
-            if reason:
-                marks.append(pytest.mark.xfail(strict=True, reason=reason))
             yield pytest.param(backend, dtype, marks=marks, id=f"{backend}-{str(dtype).replace('torch.', '')}")
 
 
-# Measured on the fixture (float32 against float64, once the op kept its log-sum-exp in double):
-# native's output and input gradient are as close as the float32 reference's (1.2x, 0.9x), and
-# so are the convolution gradients (0.5x-1.3x); the two PReLU slopes' gradients, sums over the
-# whole map with cancellation, are 3.0x (conv_match_L_base.1: 5.9e-5 vs 2.0e-5) and 3.5x
-# (conv_match.1: 1.3e-4 vs 3.7e-5), over the 2x rule. Open.
-NATIVE_FLOAT32_ACCURACY = ("native patch_attention in float32: the PReLU slopes' gradients are 3.0x and 3.5x "
-                           "further from float64 than the float32 reference's on this fixture (rule: 2x)")
+# The PReLU slopes' gradients are scalars: sums over the whole map with cancellation, whose
+# float32 error is one random draw. On the fixture's loss weight native's came out 2.4-3.9x the
+# float32 reference's, Triton's 5.0x; over 16 random loss weights native's RMS error is 0.97x and
+# 1.03x the reference's (another draw of the same size: 0.2x to 3.9x). So a scalar gradient is
+# judged by the RMS of its error over several loss weights (test_module_scalar_gradients_...),
+# every other tensor by its largest error on the fixture.
+SCALAR_DRAWS = 8
 
 
 def _randomise(module, seed=1):
@@ -119,12 +115,12 @@ def test_module_state_dict_is_the_official_one():
 
 
 @needs_fixtures
-@pytest.mark.parametrize("backend, dtype", list(backend_cases(
-    slow_backends=(), known_failures={("native", torch.float32): NATIVE_FLOAT32_ACCURACY})))
+@pytest.mark.parametrize("backend, dtype", list(backend_cases()))
 def test_module_fixture_parity(backend, dtype):
     """Output and the gradient of the input and of every parameter against the official module's
     float64 ones: within 1e-10 in float64; in float32 within twice the error of the reference
-    backend run in float32 (plus a few ulps of the largest value, as helpers.py's rule)."""
+    backend run in float32 (plus a few ulps of the largest value, as helpers.py's rule), scalar
+    gradients excepted (see SCALAR_DRAWS)."""
     skip_unless_runs(backend, dtype)
     fixture = load_fixture(ATTENTION_FIXTURE)
     truth = {"output": fixture["output"], **fixture["grads"]}
@@ -143,10 +139,41 @@ def test_module_fixture_parity(backend, dtype):
         if dtype == torch.float64:
             assert error <= FLOAT64_TOLERANCE, f"{name}: {error:.3g}"
             continue
+        if true.numel() == 1:
+            continue
         own_error = (own[name].double() - true).abs().max().item()
         floor = FLOOR_ULPS[dtype] * torch.finfo(dtype).eps * true.abs().max().item()
         assert error <= 2 * own_error + floor, f"{name}: {error:.3g} vs the reference's {own_error:.3g}"
         assert own_error <= 1e-4 * true.abs().max().item(), f"{name}: the float32 reference strays {own_error:.3g}"
+
+
+@needs_fixtures
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=[pytest.mark.slow] if b == "triton" else [])
+                                     for b in BACKENDS if b != "reference"])
+def test_module_scalar_gradients_within_twice_the_reference_error_on_average(backend):
+    """The PReLU slopes' gradients in float32, on the fixture's module and input with SCALAR_DRAWS
+    random loss weights: the RMS of their error against float64 (the reference backend, which
+    the float64 fixture test ties to the official module) within twice the float32 reference's."""
+    skip_unless_runs(backend, torch.float32)
+    fixture = load_fixture(ATTENTION_FIXTURE)
+    scalars = [name for name, p in fixture["state_dict"].items() if p.numel() == 1 and name != "escape_NaN"]
+    squares = {(on, name): 0.0 for on in (backend, "reference") for name in scalars}
+    generator = torch.Generator().manual_seed(100)
+    for _ in range(SCALAR_DRAWS):
+        weight = torch.randn(fixture["loss_weight"].shape, generator=generator, dtype=torch.float64)
+
+        def grads(on, dtype):
+            module = _attention_from_fixture(fixture, dtype, backend=on)
+            return _module_output_and_grads(module, fixture["input"].to(dtype), weight.to(dtype))[1]
+
+        truth = grads("reference", torch.float64)
+        for on in (backend, "reference"):
+            got = grads(on, torch.float32)
+            for name in scalars:
+                squares[(on, name)] += (got[name].double() - truth[name]).abs().item() ** 2
+    for name in scalars:
+        ours, own = (math.sqrt(squares[(on, name)] / SCALAR_DRAWS) for on in (backend, "reference"))
+        assert ours <= 2 * own, f"{name}: RMS error {ours:.3g} vs the reference's {own:.3g}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -318,21 +345,30 @@ def test_panet_checkpoint_with_disagreeing_copies_of_the_shared_slope_is_refused
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_panet_any_size(backend):
+    """A 9×14 image (odd pyramid levels), B = 2: against the reference in float64, or (a backend
+    without float64) against float64 within twice the float32 reference's own error."""
     dtype = torch.float64 if why_unavailable(backend, torch.float64) is None else torch.float32
     skip_unless_runs(backend, dtype)
-    net = _randomise(PANet(n_resblocks=2, n_feats=8, n_colors=1)).to(dtype)
-    x = torch.randn(2, 1, 9, 14, dtype=dtype)
-    with torch.no_grad():
-        with sparse_attn.use_backend("reference"):
-            expected = net(x)
-        with sparse_attn.use_backend(backend):
-            out = net(x)
+    net = _randomise(PANet(n_resblocks=2, n_feats=8, n_colors=1)).double()
+    x = torch.randn(2, 1, 9, 14, dtype=torch.float64)
+
+    def run(on, in_dtype):
+        with torch.no_grad(), sparse_attn.use_backend(on):
+            return net.to(in_dtype)(x.to(in_dtype)).double()
+
+    truth, out = run("reference", torch.float64), run(backend, dtype)
     assert out.shape == x.shape
-    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
-    torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
+    if dtype == torch.float64:
+        torch.testing.assert_close(out, truth, rtol=1e-12, atol=1e-12)
+    else:
+        own = (run("reference", dtype) - truth).abs().max().item()
+        floor = FLOOR_ULPS[dtype] * torch.finfo(dtype).eps * truth.abs().max().item()
+        assert (out - truth).abs().max().item() <= 2 * own + floor
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+# Triton's interpreter takes minutes for these steps: the slow tier (its op is in the fast one).
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=[pytest.mark.slow] if b == "triton" else [])
+                                     for b in BACKENDS if b != "reference"])
 def test_panet_trains_alike_on_every_backend(backend):
     """A few SGD steps of a small PANet: losses and final gradients as on the reference."""
     dtype = torch.float64 if why_unavailable(backend, torch.float64) is None else torch.float32

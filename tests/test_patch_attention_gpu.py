@@ -1,4 +1,4 @@
-"""The GPU backends of patch_attention (DESIGN.md §3; the `native` CUDA kernels) against the
+"""The GPU backends of patch_attention (DESIGN.md §3; `triton` and the `native` CUDA kernels) against the
 reference run on the GPU: the output and the gradients of q and of every key and value level, in
 float64 (the floor only) and float32 (the rule of tests/helpers.py); dense and topk ∈ {1, 5, M}
 (M up to the kernels' heap of 64 keys, else 64) with ties; odd sizes, tiny maps, levels of unequal
@@ -17,8 +17,8 @@ from patch_attention_cases import (SHAPES, TIES_KEY_EPS, assert_backend_close, m
 from sparse_attn import backends
 
 pytestmark = [requires_cuda, pytest.mark.gpu]
-GPU_BACKENDS = ("native",)
-CUDA_MAX_TOPK = 64  # the native kernels' per-query heap (sparse_attn/ops/patch_attention.py)
+GPU_BACKENDS = ("triton", "native")  # float64: native only (the triton cases skip, saying why)
+CUDA_MAX_TOPK = 64  # the native kernels' per-query heap and Triton's rank slots
 
 # Beyond SHAPES: Cq, Cv above 128 (several channels per lane, two channel groups per launch loop)
 # and maps of several hundred pixels (many blocks of warps).
@@ -89,6 +89,14 @@ def test_native_statistics_match_the_cpu_op():
             exact = name in ("threshold", "last_kept")
             torch.testing.assert_close(a.cpu(), b, rtol=0 if exact else 1e-13, atol=0 if exact else 1e-13,
                                        msg=f"{name}, topk={topk}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [SHAPES[1], WIDE_SHAPE], ids=shape_id)
+def test_triton_half_precision(shape, dtype):
+    require("triton", dtype)
+    for topk in (None, 5):
+        assert_backend_close("triton", shape, dtype, topk, device="cuda")
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
