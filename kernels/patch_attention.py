@@ -133,6 +133,14 @@ def _unrank(rank):
 
 
 @triton.jit
+def _row_statistics(lse_ptr, threshold_ptr, last_kept_ptr, rows, row_ok):
+    """What the statistics kernel saved for these query rows; past the map lse = +∞, so that
+    those rows' probabilities are 0."""
+    return (tl.load(lse_ptr + rows, mask=row_ok, other=float("inf")),
+            tl.load(threshold_ptr + rows, mask=row_ok, other=0.0), tl.load(last_kept_ptr + rows, mask=row_ok, other=0))
+
+
+@triton.jit
 def _level(levels_ptr, level):
     """A level's first key position, rows and columns."""
     return tl.load(levels_ptr + 3 * level), tl.load(levels_ptr + 3 * level + 1), tl.load(levels_ptr + 3 * level + 2)
@@ -156,7 +164,8 @@ def patch_attention_statistics_kernel(q_ptr, k_ptr, inv_norm_ptr, levels_ptr, ls
     # Top-k: the t best ranks so far in slots 0..t-1 (the others hold a rank above any key, so
     # that the worst is the minimum), starting below any key.
     slot = tl.arange(0, BLOCK_M)[None, :]
-    no_rank = _rank(tl.full((BLOCK_N, BLOCK_M), float("-inf"), tl.float32), tl.full((BLOCK_N, BLOCK_M), 0x7FFFFFFF, tl.int32))
+    no_rank = _rank(tl.full((BLOCK_N, BLOCK_M), float("-inf"), tl.float32),
+                    tl.full((BLOCK_N, BLOCK_M), 0x7FFFFFFF, tl.int32))
     unused = _rank(tl.full((BLOCK_N, BLOCK_M), float("inf"), tl.float32), tl.full((BLOCK_N, BLOCK_M), 0, tl.int32))
     best = tl.where(slot < topk, no_rank, unused)
     worst = tl.min(best, axis=1)
@@ -210,9 +219,8 @@ def patch_attention_attend_kernel(q_ptr, k_ptr, v_ptr, inv_norm_ptr, levels_ptr,
     query_ok = queries < n_queries
     q_base, k_base, inv_norm_base = q_ptr + b * cq * n_queries, k_ptr + b * cq * n_keys, inv_norm_ptr + b * n_keys
     v_base = v_ptr + b * cv * n_keys
-    lse = tl.load(lse_ptr + b * n_queries + queries, mask=query_ok, other=0.0)
-    threshold = tl.load(threshold_ptr + b * n_queries + queries, mask=query_ok, other=0.0)
-    last_kept = tl.load(last_kept_ptr + b * n_queries + queries, mask=query_ok, other=0)
+    lse, threshold, last_kept = _row_statistics(lse_ptr, threshold_ptr, last_kept_ptr, b * n_queries + queries,
+                                                 query_ok)
     acc = tl.zeros((BLOCK_N, 16 * C_BLOCK), tl.float32)
     for level in range(n_levels):
         first, rows, cols = _level(levels_ptr, level)
@@ -262,9 +270,8 @@ def patch_attention_delta_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, inv_norm_ptr
     query_ok = queries < n_queries
     q_base, k_base, inv_norm_base = q_ptr + b * cq * n_queries, k_ptr + b * cq * n_keys, inv_norm_ptr + b * n_keys
     v_base, g_base = v_ptr + b * cv * n_keys, grad_out_ptr + b * cv * n_queries
-    lse = tl.load(lse_ptr + b * n_queries + queries, mask=query_ok, other=0.0)
-    threshold = tl.load(threshold_ptr + b * n_queries + queries, mask=query_ok, other=0.0)
-    last_kept = tl.load(last_kept_ptr + b * n_queries + queries, mask=query_ok, other=0)
+    lse, threshold, last_kept = _row_statistics(lse_ptr, threshold_ptr, last_kept_ptr, b * n_queries + queries,
+                                                 query_ok)
     total = tl.zeros((BLOCK_N,), tl.float64)
     for level in range(n_levels):
         first, rows, cols = _level(levels_ptr, level)
@@ -293,9 +300,8 @@ def patch_attention_grad_q_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, inv_norm_pt
     query_ok = queries < n_queries
     q_base, k_base, inv_norm_base = q_ptr + b * cq * n_queries, k_ptr + b * cq * n_keys, inv_norm_ptr + b * n_keys
     v_base, g_base = v_ptr + b * cv * n_keys, grad_out_ptr + b * cv * n_queries
-    lse = tl.load(lse_ptr + b * n_queries + queries, mask=query_ok, other=0.0)
-    threshold = tl.load(threshold_ptr + b * n_queries + queries, mask=query_ok, other=0.0)
-    last_kept = tl.load(last_kept_ptr + b * n_queries + queries, mask=query_ok, other=0)
+    lse, threshold, last_kept = _row_statistics(lse_ptr, threshold_ptr, last_kept_ptr, b * n_queries + queries,
+                                                 query_ok)
     delta = tl.load(delta_ptr + b * n_queries + queries, mask=query_ok, other=0.0)
     acc = tl.zeros((BLOCK_N, 16 * C_BLOCK), tl.float32)
     for level in range(n_levels):
@@ -340,10 +346,8 @@ def patch_attention_grad_kv_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, inv_norm_p
     for query_start in range(0, n_queries, BLOCK_N):
         queries = query_start + tl.arange(0, BLOCK_N)
         query_ok = queries < n_queries
-        # past the map: lse = +∞, so that those rows' probabilities are 0
-        lse = tl.load(lse_ptr + b * n_queries + queries, mask=query_ok, other=float("inf"))
-        threshold = tl.load(threshold_ptr + b * n_queries + queries, mask=query_ok, other=0.0)
-        last_kept = tl.load(last_kept_ptr + b * n_queries + queries, mask=query_ok, other=0)
+        lse, threshold, last_kept = _row_statistics(lse_ptr, threshold_ptr, last_kept_ptr, b * n_queries + queries,
+                                                 query_ok)
         s = _scores(q_base, k_base, inv_norm_base, queries, query_ok, height, width, keys, key_ok, rows, cols, first,
                     n_keys, cq, scale, BLOCK_N, BLOCK_M, C_BLOCK, DOT_PRECISION)
         p = _probabilities(s, first + keys, lse, threshold, last_kept)
@@ -391,14 +395,15 @@ def launch_configurations():
         t = _TRITON_TYPE_NAMES[dtype]
         blocks = _blocks(dtype)
         options = {"num_warps": blocks.pop("num_warps")}
-        variants = [(patch_attention_statistics_kernel, {"DENSE": True}), (patch_attention_statistics_kernel, {"DENSE": False}),
-                    (patch_attention_attend_kernel, {}), (patch_attention_delta_kernel, {}),
-                    (patch_attention_grad_q_kernel, {}), (patch_attention_grad_kv_kernel, {"VALUES": True}),
+        variants = [(patch_attention_statistics_kernel, {"DENSE": True}),
+                    (patch_attention_statistics_kernel, {"DENSE": False}), (patch_attention_attend_kernel, {}),
+                    (patch_attention_delta_kernel, {}), (patch_attention_grad_q_kernel, {}),
+                    (patch_attention_grad_kv_kernel, {"VALUES": True}),
                     (patch_attention_grad_kv_kernel, {"VALUES": False})]
         for kernel, extra in variants:
             cx = {**blocks, **extra}
-            types = {**{n: t for n in ("q_ptr", "k_ptr", "v_ptr", "grad_out_ptr")}, **{n: "fp32" for n in fp32_pointers},
-                     **int_pointers}
+            types = {**{n: t for n in ("q_ptr", "k_ptr", "v_ptr", "grad_out_ptr")},
+                     **{n: "fp32" for n in fp32_pointers}, **int_pointers}
             signature = aot_signature(kernel, cx, types)
             configs.append((kernel, {**signature, "scale": "fp32"}, cx, options))
         # the fold writes q's dtype (out, grad_q, grad_values) and fp32 (grad_keys, before the

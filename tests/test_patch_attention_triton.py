@@ -21,7 +21,8 @@ launchers = pytest.importorskip("sparse_attn.kernels.patch_attention", reason="T
 CHANNEL_TILES_SHAPE = (1, 20, 18, (5, 7), [(5, 7), (9, 8)])
 # The interpreter is slow (seconds per call on the pyramid): the fast tier runs every topk on a
 # one-tile shape, and dense and topk = 5 across tiles; the slow tier every shape with every topk.
-TRITON_SHAPES = [s if s is SHAPES[2] else pytest.param(s, marks=pytest.mark.slow) for s in SHAPES + [CHANNEL_TILES_SHAPE]]
+TRITON_SHAPES = [s if s is SHAPES[2] else pytest.param(s, marks=pytest.mark.slow)
+                 for s in SHAPES + [CHANNEL_TILES_SHAPE]]
 
 
 @requires_triton_cpu
@@ -76,7 +77,8 @@ def test_what_the_kernels_cannot_run_is_said():
     shape = (1, 2, 2, (9, 9), [(9, 9)])
     q, keys, values = split([t.float() for t in make_inputs(shape)])
     limit = launchers.MAX_TOPK
-    with pytest.raises(backends.BackendUnavailable, match=f"at most {limit} keys per query .topk., got topk = {limit + 1}"):
+    with pytest.raises(backends.BackendUnavailable,
+                       match=f"at most {limit} keys per query .topk., got topk = {limit + 1}"):
         sparse_attn.patch_attention(q, keys, values, topk=limit + 1, backend="triton")
     # keeping all M keys is the dense softmax, which has no such limit
     dense = sparse_attn.patch_attention(q, keys, values, backend="reference")
