@@ -115,6 +115,21 @@ def _probabilities(s, key_index, lse, threshold, last_kept):
     return tl.where(kept, p, 0.0)
 
 
+@triton.jit
+def _scores_probabilities_and_grads(q_base, k_base, v_base, g_base, inv_norm_base, queries, query_ok, height, width,
+                                    keys, key_ok, rows, cols, first, n_keys, cq, cv, scale, lse, threshold,
+                                    last_kept, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                                    C_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The backward's recomputation for a query tile against a key tile: the scores s, the
+    attention A and dP = ⟨unfold(dout)_p, V_m⟩."""
+    s = _scores(q_base, k_base, inv_norm_base, queries, query_ok, height, width, keys, key_ok, rows, cols, first,
+                n_keys, cq, scale, BLOCK_N, BLOCK_M, C_BLOCK, DOT_PRECISION)
+    p = _probabilities(s, first + keys, lse, threshold, last_kept)
+    dp = _patch_products(g_base, v_base, queries, query_ok, height, width, keys, key_ok, rows, cols, first, n_keys,
+                         cv, BLOCK_N, BLOCK_M, C_BLOCK, DOT_PRECISION)
+    return s, p, dp
+
+
 # A score and its key index as one int64 that orders as the top-k does: a higher score first,
 # then the lower index. The score's bits are made monotone (negative floats flipped); the index
 # goes in the low 32 bits, complemented.
@@ -278,11 +293,10 @@ def patch_attention_delta_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, inv_norm_ptr
         for start in range(0, rows * cols, BLOCK_M):
             keys = start + tl.arange(0, BLOCK_M)
             key_ok = keys < rows * cols
-            s = _scores(q_base, k_base, inv_norm_base, queries, query_ok, height, width, keys, key_ok, rows, cols,
-                        first, n_keys, cq, scale, BLOCK_N, BLOCK_M, C_BLOCK, DOT_PRECISION)
-            p = _probabilities(s, first + keys, lse, threshold, last_kept)
-            dp = _patch_products(g_base, v_base, queries, query_ok, height, width, keys, key_ok, rows, cols, first,
-                                 n_keys, cv, BLOCK_N, BLOCK_M, C_BLOCK, DOT_PRECISION)
+            _, p, dp = _scores_probabilities_and_grads(q_base, k_base, v_base, g_base, inv_norm_base, queries,
+                                                       query_ok, height, width, keys, key_ok, rows, cols, first,
+                                                       n_keys, cq, cv, scale, lse, threshold, last_kept, BLOCK_N,
+                                                       BLOCK_M, C_BLOCK, DOT_PRECISION)
             total += tl.sum(p * dp, axis=1).to(tl.float64)
     tl.store(delta_ptr + b * n_queries + queries, total.to(tl.float32), mask=query_ok)
 
@@ -309,11 +323,10 @@ def patch_attention_grad_q_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, inv_norm_pt
         for start in range(0, rows * cols, BLOCK_M):
             keys = start + tl.arange(0, BLOCK_M)
             key_ok = keys < rows * cols
-            s = _scores(q_base, k_base, inv_norm_base, queries, query_ok, height, width, keys, key_ok, rows, cols,
-                        first, n_keys, cq, scale, BLOCK_N, BLOCK_M, C_BLOCK, DOT_PRECISION)
-            p = _probabilities(s, first + keys, lse, threshold, last_kept)
-            dp = _patch_products(g_base, v_base, queries, query_ok, height, width, keys, key_ok, rows, cols, first,
-                                 n_keys, cv, BLOCK_N, BLOCK_M, C_BLOCK, DOT_PRECISION)
+            _, p, dp = _scores_probabilities_and_grads(q_base, k_base, v_base, g_base, inv_norm_base, queries,
+                                                       query_ok, height, width, keys, key_ok, rows, cols, first,
+                                                       n_keys, cq, cv, scale, lse, threshold, last_kept, BLOCK_N,
+                                                       BLOCK_M, C_BLOCK, DOT_PRECISION)
             inverse_norm = tl.load(inv_norm_base + first + keys, mask=key_ok, other=0.0)
             grad_scores = p * (dp - delta[:, None]) * (scale * inverse_norm)[None, :]
             key_patches = _patch_tile(k_base, keys, key_ok, rows, cols, first, n_keys, c0, cq, C_BLOCK)
@@ -348,15 +361,17 @@ def patch_attention_grad_kv_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, inv_norm_p
         query_ok = queries < n_queries
         lse, threshold, last_kept = _row_statistics(lse_ptr, threshold_ptr, last_kept_ptr, b * n_queries + queries,
                                                  query_ok)
-        s = _scores(q_base, k_base, inv_norm_base, queries, query_ok, height, width, keys, key_ok, rows, cols, first,
-                    n_keys, cq, scale, BLOCK_N, BLOCK_M, C_BLOCK, DOT_PRECISION)
-        p = _probabilities(s, first + keys, lse, threshold, last_kept)
         if VALUES:
+            s = _scores(q_base, k_base, inv_norm_base, queries, query_ok, height, width, keys, key_ok, rows, cols,
+                        first, n_keys, cq, scale, BLOCK_N, BLOCK_M, C_BLOCK, DOT_PRECISION)
+            p = _probabilities(s, first + keys, lse, threshold, last_kept)
             grad_patches = _patch_tile(g_base, queries, query_ok, height, width, 0, n_queries, c0, cv, C_BLOCK)
             acc = tl.dot(tl.trans(p).to(grad_patches.dtype), grad_patches, acc, input_precision=DOT_PRECISION)
         else:
-            dp = _patch_products(g_base, v_base, queries, query_ok, height, width, keys, key_ok, rows, cols, first,
-                                 n_keys, cv, BLOCK_N, BLOCK_M, C_BLOCK, DOT_PRECISION)
+            s, p, dp = _scores_probabilities_and_grads(q_base, k_base, v_base, g_base, inv_norm_base, queries,
+                                                       query_ok, height, width, keys, key_ok, rows, cols, first,
+                                                       n_keys, cq, cv, scale, lse, threshold, last_kept, BLOCK_N,
+                                                       BLOCK_M, C_BLOCK, DOT_PRECISION)
             delta = tl.load(delta_ptr + b * n_queries + queries, mask=query_ok, other=0.0)
             grad_scores = p * (dp - delta[:, None])
             key_dot += tl.sum(grad_scores * tl.where(key_ok[None, :], s, 0.0), axis=0)  # s = −∞ past the level
