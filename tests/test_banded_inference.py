@@ -97,6 +97,16 @@ def test_network_bands_equal_whole(name, backend):
     assert error <= {torch.float64: 1e-10, torch.float32: 1e-5}[dtype], f"max abs error {error:.3g}"
 
 
+def test_default_restormer_bands_equal_whole():
+    """The default configuration (dim 48, the official depths and heads, its full channel counts),
+    float32, 70×52 in bands of 8 rows on native: within the streaming tests' float32 bound."""
+    torch.manual_seed(0)
+    net = Restormer().eval()
+    whole, banded = _whole_and_banded(net, torch.rand(1, 3, 70, 52), 8, "native")
+    error = (banded - whole).abs().max().item()
+    assert error <= 1e-5, f"max abs error {error:.3g}"
+
+
 class _Widest(TorchDispatchMode):
     """Records the largest tensor any op returns."""
 
