@@ -124,6 +124,9 @@ inline void store8(float* p, float8 v) { std::memcpy(p, &v, sizeof(v)); }
 
 // The tile products: blocks of kBlockRows × kBlockCols outputs.
 constexpr int64_t kBlockRows = 6, kBlockCols = 16;
+// Every buffer a tile product reads as b ends in this many spare floats (zeros), for the loads of
+// its ragged right-edge blocks.
+constexpr int64_t kProductSlack = kBlockCols;
 
 #define PATCH_TILE_FUNCTIONS(ATTR, SUFFIX)                                                                           \
   /* x on eight lanes (compiled here so that the AVX2 clone broadcasts in one instruction). */                       \
@@ -149,12 +152,13 @@ constexpr int64_t kBlockRows = 6, kBlockCols = 16;
     return (float8)((int8v)(y * scale) & valid);                                                                     \
   }                                                                                                                  \
                                                                                                                      \
-  /* One full block of block_product_float: kBlockRows × 16 outputs in twelve vector registers */                    \
-  /* while k runs (twelve independent FMA chains hide the FMA latency; the a values are broadcast */                 \
-  /* from memory, so that nothing spills). */                                                                        \
+  /* One block of block_product_float: kBlockRows × 16 outputs in twelve vector registers while k */                 \
+  /* runs (twelve independent FMA chains hide the FMA latency; the a values are broadcast from */                    \
+  /* memory, so that nothing spills). */                                                                             \
   template <bool kSkipZero>                                                                                          \
-  ATTR inline void full_block##SUFFIX(const float* __restrict a, int64_t a_row, int64_t a_k,                         \
-                                      const float* __restrict b, int64_t b_k, int64_t depth, float8 (&acc)[kBlockRows][2]) { \
+  ATTR inline void row_block##SUFFIX(const float* __restrict a, int64_t a_row, int64_t a_k,                          \
+                                     const float* __restrict b, int64_t b_k, int64_t depth,                          \
+                                     float8 (&acc)[kBlockRows][2]) {                                                 \
     for (int64_t k = 0; k < depth; ++k) {                                                                            \
       const float* __restrict ak = a + k * a_k;                                                                      \
       if (kSkipZero) {                                                                                               \
@@ -171,9 +175,11 @@ constexpr int64_t kBlockRows = 6, kBlockCols = 16;
     }                                                                                                                \
   }                                                                                                                  \
                                                                                                                      \
-  /* The float32 block_product, in blocks of kBlockRows × 16 outputs; edge blocks go through a */                    \
-  /* zero-padded copy of b's row. With `skip_zero`, a k where the block's a values are all 0 is */                   \
-  /* skipped (the masked probabilities of top-k). */                                                                 \
+  /* The float32 block_product, in blocks of kBlockRows × 16 outputs; the last rows (fewer than */                   \
+  /* kBlockRows) one at a time. A ragged block at the right edge loads 16 columns of b all the */                    \
+  /* same and stores only its own: b must be readable kBlockCols floats past its last row (see */                    \
+  /* kProductSlack). With `skip_zero`, a k where the block's a values are all 0 is skipped (the */                   \
+  /* masked probabilities of top-k). */                                                                              \
   ATTR void block_product_float##SUFFIX(const float* __restrict a, int64_t a_row, int64_t a_k,                       \
                                         const float* __restrict b, int64_t b_k, int64_t rows, int64_t cols,          \
                                         int64_t depth, float* __restrict out, int64_t out_row, bool accumulate,      \
@@ -184,16 +190,11 @@ constexpr int64_t kBlockRows = 6, kBlockCols = 16;
       for (int64_t n0 = 0; n0 < cols; n0 += kBlockCols) {                                                            \
         const int64_t nn = std::min(kBlockCols, cols - n0);                                                          \
         float8 acc[kBlockRows][2] = {};                                                                              \
-        if (nr == kBlockRows && nn == kBlockCols) {                                                                  \
-          if (skip_zero)                                                                                             \
-            full_block##SUFFIX<true>(ar, a_row, a_k, b + n0, b_k, depth, acc);                                       \
-          else                                                                                                       \
-            full_block##SUFFIX<false>(ar, a_row, a_k, b + n0, b_k, depth, acc);                                      \
+        if (nr == kBlockRows) {                                                                                      \
+          (skip_zero ? row_block##SUFFIX<true> : row_block##SUFFIX<false>)(ar, a_row, a_k, b + n0, b_k, depth, acc); \
         } else {                                                                                                     \
-          float row[kBlockCols] = {};                                                                                \
           for (int64_t k = 0; k < depth; ++k) {                                                                      \
-            for (int64_t n = 0; n < nn; ++n) row[n] = b[k * b_k + n0 + n];                                           \
-            const float8 b0 = load8(row), b1 = load8(row + 8);                                                       \
+            const float8 b0 = load8(b + k * b_k + n0), b1 = load8(b + k * b_k + n0 + 8);                             \
             for (int64_t r = 0; r < nr; ++r) {                                                                       \
               const float8 x = splat8##SUFFIX(ar[r * a_row + k * a_k]);                                              \
               acc[r][0] += x * b0;                                                                                   \
@@ -202,11 +203,16 @@ constexpr int64_t kBlockRows = 6, kBlockCols = 16;
           }                                                                                                          \
         }                                                                                                            \
         for (int64_t r = 0; r < nr; ++r) {                                                                           \
-          float result[kBlockCols];                                                                                  \
-          store8(result, acc[r][0]);                                                                                 \
-          store8(result + 8, acc[r][1]);                                                                             \
           float* __restrict o = out + (r0 + r) * out_row + n0;                                                       \
-          for (int64_t n = 0; n < nn; ++n) o[n] = accumulate ? o[n] + result[n] : result[n];                         \
+          if (nn == kBlockCols) {                                                                                    \
+            store8(o, accumulate ? load8(o) + acc[r][0] : acc[r][0]);                                                \
+            store8(o + 8, accumulate ? load8(o + 8) + acc[r][1] : acc[r][1]);                                        \
+          } else {                                                                                                   \
+            for (int64_t n = 0; n < nn; ++n) {                                                                       \
+              const float value = n < 8 ? acc[r][0][n] : acc[r][1][n - 8];                                           \
+              o[n] = accumulate ? o[n] + value : value;                                                              \
+            }                                                                                                        \
+          }                                                                                                          \
         }                                                                                                            \
       }                                                                                                              \
     }                                                                                                                \
@@ -401,7 +407,7 @@ struct Problem {
 template <typename T>
 void gather_key_tiles(const Problem<T>& pr, bool values, bool pixel_major, std::vector<T>& out) {
   const int64_t channels = values ? pr.value_channels : pr.q.channels;
-  out.resize(pr.key_tiles.size() * kHaloPixels * channels);
+  out.resize(pr.key_tiles.size() * kHaloPixels * channels + kProductSlack);
   at::parallel_for(0, pr.key_tiles.size(), 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const KeyTile& kt = pr.key_tiles[t];
@@ -413,7 +419,7 @@ void gather_key_tiles(const Problem<T>& pr, bool values, bool pixel_major, std::
 
 template <typename T>
 void gather_query_tiles(const Map<T>& map, const Grid& grid, std::vector<T>& out) {
-  out.resize(grid.count() * kHaloPixels * map.channels);
+  out.resize(grid.count() * kHaloPixels * map.channels + kProductSlack);
   at::parallel_for(0, grid.count(), 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) gather(map, grid.rect(t), out.data() + t * kHaloPixels * map.channels, true);
   });
