@@ -127,6 +127,8 @@ constexpr int64_t kBlockRows = 6, kBlockCols = 16;
 // Every buffer a tile product reads as b ends in this many spare floats (zeros), for the loads of
 // its ragged right-edge blocks.
 constexpr int64_t kProductSlack = kBlockCols;
+// The backward's memory for the key tiles' shares of dq (see backward_cpu).
+constexpr int64_t kShareBudget = int64_t(64) << 20;
 
 #define PATCH_TILE_FUNCTIONS(ATTR, SUFFIX)                                                                           \
   /* x on eight lanes (compiled here so that the AVX2 clone broadcasts in one instruction). */                       \
@@ -191,7 +193,10 @@ constexpr int64_t kProductSlack = kBlockCols;
         const int64_t nn = std::min(kBlockCols, cols - n0);                                                          \
         float8 acc[kBlockRows][2] = {};                                                                              \
         if (nr == kBlockRows) {                                                                                      \
-          (skip_zero ? row_block##SUFFIX<true> : row_block##SUFFIX<false>)(ar, a_row, a_k, b + n0, b_k, depth, acc); \
+          if (skip_zero)                                                                                             \
+            row_block##SUFFIX<true>(ar, a_row, a_k, b + n0, b_k, depth, acc);                                        \
+          else                                                                                                       \
+            row_block##SUFFIX<false>(ar, a_row, a_k, b + n0, b_k, depth, acc);                                       \
         } else {                                                                                                     \
           for (int64_t k = 0; k < depth; ++k) {                                                                      \
             const float8 b0 = load8(b + k * b_k + n0), b1 = load8(b + k * b_k + n0 + 8);                             \
@@ -733,19 +738,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& q_i
 // ---------------------------------------------------------------------------------------------
 // Backward
 // ---------------------------------------------------------------------------------------------
-// Per query tile: D_p = Σ_m A_pm dP_pm (pass 1), then dq (pass 2), into the tile's halo buffer.
+// Whether any key of the tile is among any of its queries' top t (ws.probs, from tile_probs):
+// with top-k most tile pairs keep none, and then pass no gradient.
 template <typename T>
-void backward_query_tile(const Problem<T>& pr, const Map<T>& grad_out, Workspace<T>& ws, int64_t tile, T* delta_out,
-                         T* dq_buffer) {
+bool tile_keeps_any(const Problem<T>& pr, const Workspace<T>& ws, const HaloRect& qr, const KeyTile& kt) {
+  if (pr.dense()) return true;
+  const int64_t n = qr.rows * qr.cols * kt.rect.rows * kt.rect.cols;
+  return std::any_of(ws.probs.begin(), ws.probs.begin() + n, [](T a) { return a != T(0); });
+}
+
+// Per query tile: D_p = Σ_m A_pm dP_pm (= ⟨dO_p, O_p⟩), which every dS_pm needs before the
+// gradients can be streamed.
+template <typename T>
+void query_tile_delta(const Problem<T>& pr, Workspace<T>& ws, int64_t tile, T* delta_out) {
   const HaloRect qr = pr.query_grid.rect(tile);
-  const int64_t np = qr.rows * qr.cols, cq = pr.q.channels;
-  ws.query = pr.query_pixel_tiles.data() + tile * kHaloPixels * cq;
+  const int64_t np = qr.rows * qr.cols;
+  ws.query = pr.query_pixel_tiles.data() + tile * kHaloPixels * pr.q.channels;
   ws.grad = pr.grad_pixel_tiles.data() + tile * kHaloPixels * pr.value_channels;
   // D_p is a long sum whose difference with dP_pm is taken next: accumulated in double.
   double delta_sum[kTilePixels] = {};
   for (const KeyTile& kt : pr.key_tiles) {
     tile_scores(pr, ws, qr, kt);
     tile_probs(pr, ws, qr, kt);
+    if (!tile_keeps_any(pr, ws, qr, kt)) continue;
     tile_grad_probs(pr, ws, qr, kt);
     const int64_t nk = kt.rect.rows * kt.rect.cols;
     for (int64_t p = 0; p < np; ++p) {
@@ -754,36 +769,20 @@ void backward_query_tile(const Problem<T>& pr, const Map<T>& grad_out, Workspace
       delta_sum[p] += sum;
     }
   }
-  T delta[kTilePixels];
-  for (int64_t p = 0; p < np; ++p) {
-    delta[p] = static_cast<T>(delta_sum[p]);
-    delta_out[(qr.y0 + p / qr.cols) * pr.q.cols + qr.x0 + p % qr.cols] = delta[p];
-  }
-
-  std::fill(dq_buffer, dq_buffer + kHaloPixels * cq, T(0));
-  for (const KeyTile& kt : pr.key_tiles) {
-    tile_scores(pr, ws, qr, kt);
-    tile_probs(pr, ws, qr, kt);
-    tile_grad_probs(pr, ws, qr, kt);
-    const int64_t nk = kt.rect.rows * kt.rect.cols;
-    // dS·scale·r_m, the gradient of ⟨Q_p, K_m⟩, spread over pixel pairs, times k.
-    for (int64_t p = 0; p < np; ++p)
-      for (int64_t m = 0; m < nk; ++m)
-        ws.scores[p * nk + m] =
-            ws.probs[p * nk + m] * (ws.grad_probs[p * nk + m] - delta[p]) * pr.scale * ws.tile_inverse_norms[m];
-    PATCH_CALL(diagonal_spread, ws.scores.data(), qr, kt.rect, ws.spread.data());
-    product_rows(ws.spread.data(), pr.key_pixel_tile(kt), qr.halo_size(), kt.rect.halo_size(), cq, dq_buffer, !pr.dense());
-  }
+  for (int64_t p = 0; p < np; ++p)
+    delta_out[(qr.y0 + p / qr.cols) * pr.q.cols + qr.x0 + p % qr.cols] = static_cast<T>(delta_sum[p]);
 }
 
-// Per key tile: dv, the first term of dk, and c_m = Σ_p dS_pm s_pm (for the normalisation's
-// gradient), streaming every query tile.
+// Per key tile, streaming every query tile: dv, the first term of dk, c_m = Σ_p dS_pm s_pm (for
+// the normalisation's gradient), and this key tile's share of dq, per query tile
+// (dq_shares: query tiles × kHaloPixels × Cq). dk and dq take the same spread dS.
 template <typename T>
-void backward_key_tile(const Problem<T>& pr, const Map<T>& grad_out, const T* delta, Workspace<T>& ws,
-                       const KeyTile& kt, T* dk_buffer, T* dv_buffer, T* key_dot) {
+void backward_key_tile(const Problem<T>& pr, const T* delta, Workspace<T>& ws, const KeyTile& kt, T* dk_buffer,
+                       T* dv_buffer, T* dq_shares, T* key_dot) {
   const int64_t cq = pr.q.channels, cv = pr.value_channels, nk = kt.rect.rows * kt.rect.cols;
   std::fill(dk_buffer, dk_buffer + kHaloPixels * cq, T(0));
   std::fill(dv_buffer, dv_buffer + kHaloPixels * cv, T(0));
+  std::fill(dq_shares, dq_shares + pr.query_grid.count() * kHaloPixels * cq, T(0));
   T dot[kTilePixels] = {};
   const int64_t level_cols = pr.keys[kt.level].cols;
   for (int64_t tile = 0; tile < pr.query_grid.count(); ++tile) {
@@ -793,9 +792,11 @@ void backward_key_tile(const Problem<T>& pr, const Map<T>& grad_out, const T* de
     ws.grad = pr.grad_pixel_tiles.data() + tile * kHaloPixels * cv;
     tile_scores(pr, ws, qr, kt);
     tile_probs(pr, ws, qr, kt);
+    if (!tile_keeps_any(pr, ws, qr, kt)) continue;
     tile_grad_probs(pr, ws, qr, kt);
     PATCH_CALL(diagonal_spread, ws.probs.data(), qr, kt.rect, ws.spread.data());
     product_cols(ws.spread.data(), ws.grad, qr.halo_size(), kt.rect.halo_size(), cv, dv_buffer, !pr.dense());
+    // dS·scale·r_m: the gradient of ⟨Q_p, K_m⟩.
     for (int64_t p = 0; p < np; ++p) {
       const T d = delta[(qr.y0 + p / qr.cols) * pr.q.cols + qr.x0 + p % qr.cols];
       for (int64_t m = 0; m < nk; ++m) {
@@ -806,6 +807,8 @@ void backward_key_tile(const Problem<T>& pr, const Map<T>& grad_out, const T* de
     }
     PATCH_CALL(diagonal_spread, ws.grad_probs.data(), qr, kt.rect, ws.spread.data());
     product_cols(ws.spread.data(), ws.query, qr.halo_size(), kt.rect.halo_size(), cq, dk_buffer, !pr.dense());
+    product_rows(ws.spread.data(), pr.key_pixel_tile(kt), qr.halo_size(), kt.rect.halo_size(), cq,
+                 dq_shares + tile * kHaloPixels * cq, !pr.dense());
   }
   for (int64_t m = 0; m < nk; ++m) key_dot[kt.key(m / kt.rect.cols, m % kt.rect.cols, level_cols)] = dot[m];
 }
@@ -848,31 +851,48 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> backward_cpu(
     }
     const int64_t n_keys = problems[0].n_keys;
     const Grid grid{q.size(2), q.size(3)};
-    std::vector<T> delta(batch * n_queries), dq_buffers(batch * grid.count() * kHaloPixels * cq);
-    at::parallel_for(0, batch * grid.count(), 1, [&](int64_t begin, int64_t end) {
+    const int64_t n_query_tiles = grid.count(), query_tile_size = kHaloPixels * cq;
+    std::vector<T> delta(batch * n_queries);
+    at::parallel_for(0, batch * n_query_tiles, 1, [&](int64_t begin, int64_t end) {
       Workspace<T> ws(cq, cv);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / grid.count(), tile = task % grid.count();
-        backward_query_tile(problems[b], grad_maps[b], ws, tile, delta.data() + b * n_queries,
-                            dq_buffers.data() + task * kHaloPixels * cq);
-      }
+      for (int64_t task = begin; task < end; ++task)
+        query_tile_delta(problems[task / n_query_tiles], ws, task % n_query_tiles,
+                         delta.data() + (task / n_query_tiles) * n_queries);
     });
-    for (int64_t b = 0; b < batch; ++b)
-      fold_tiles(grid, dq_buffers.data() + b * grid.count() * kHaloPixels * cq, cq,
-                 grad_q.mutable_data_ptr<T>() + b * cq * n_queries);
 
-    const int64_t n_key_tiles = problems[0].key_tiles.size();
-    std::vector<T> dk_buffers(batch * n_key_tiles * kHaloPixels * cq), dv_buffers(batch * n_key_tiles * kHaloPixels * cv);
-    std::vector<T> key_dot(batch * n_keys);
-    at::parallel_for(0, batch * n_key_tiles, 1, [&](int64_t begin, int64_t end) {
-      Workspace<T> ws(cq, cv);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / n_key_tiles, tile = task % n_key_tiles;
-        backward_key_tile(problems[b], grad_maps[b], delta.data() + b * n_queries, ws, problems[b].key_tiles[tile],
-                          dk_buffers.data() + task * kHaloPixels * cq, dv_buffers.data() + task * kHaloPixels * cv,
-                          key_dot.data() + b * n_keys);
-      }
-    });
+    // The key tiles in groups, a few per thread and their dq shares within kShareBudget: each
+    // group's tiles run in parallel, then their shares are added to dq. The shares are added in
+    // key-tile order whatever the group size, so the sums are the same for every number of threads.
+    const int64_t n_key_tiles = problems[0].key_tiles.size(), n_tasks = batch * n_key_tiles;
+    const int64_t share_size = n_query_tiles * query_tile_size;
+    const int64_t group = std::clamp<int64_t>(
+        std::min<int64_t>(kShareBudget / int64_t(sizeof(T) * share_size), 4 * at::get_num_threads()), 1, n_tasks);
+    std::vector<T> dk_buffers(n_tasks * kHaloPixels * cq), dv_buffers(n_tasks * kHaloPixels * cv);
+    std::vector<T> dq_buffers(batch * share_size, T(0)), dq_shares(group * share_size), key_dot(batch * n_keys);
+    for (int64_t first = 0; first < n_tasks; first += group) {
+      const int64_t last = std::min(first + group, n_tasks);
+      at::parallel_for(first, last, 1, [&](int64_t begin, int64_t end) {
+        Workspace<T> ws(cq, cv);
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t b = task / n_key_tiles;
+          backward_key_tile(problems[b], delta.data() + b * n_queries, ws, problems[b].key_tiles[task % n_key_tiles],
+                            dk_buffers.data() + task * kHaloPixels * cq, dv_buffers.data() + task * kHaloPixels * cv,
+                            dq_shares.data() + (task - first) * share_size, key_dot.data() + b * n_keys);
+        }
+      });
+      at::parallel_for(0, batch * n_query_tiles, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t target = begin; target < end; ++target) {
+          const int64_t b = target / n_query_tiles, tile = target % n_query_tiles;
+          T* dq = dq_buffers.data() + b * share_size + tile * query_tile_size;
+          for (int64_t task = std::max(first, b * n_key_tiles); task < std::min(last, (b + 1) * n_key_tiles); ++task) {
+            const T* share = dq_shares.data() + (task - first) * share_size + tile * query_tile_size;
+            for (int64_t i = 0; i < query_tile_size; ++i) dq[i] += share[i];
+          }
+        }
+      });
+    }
+    for (int64_t b = 0; b < batch; ++b)
+      fold_tiles(grid, dq_buffers.data() + b * share_size, cq, grad_q.mutable_data_ptr<T>() + b * cq * n_queries);
     // Fold each level's tiles, then the normalisation's gradient: dK_m −= r_m² c_m K_m (when not
     // clamped), i.e. dk[:, y] −= k[:, y] · Σ_δ w[y−δ] with w_m = r_m² c_m.
     for (int64_t b = 0; b < batch; ++b) {
