@@ -8,9 +8,10 @@
 //
 // Forward, per query tile: pass 1 streams the key tiles for each query's log-sum-exp (with topk:
 // a per-query heap of its t best keys, whose worst gives the threshold and the tie rule's last
-// kept index); pass 2 streams them again for the output. Backward (FlashAttention-2 style,
-// recomputing the scores): per query tile, D_p = ⟨dO_p, O_p⟩ = Σ_m A_pm dP_pm, then dq; per key
-// tile, dk and dv. Halo rows of a tile's result overlap its neighbours': every tile writes its
+// kept index); pass 2 streams them again for the output (with topk it reads the heaps' keys
+// instead). Backward (FlashAttention-2 style, recomputing the scores): per query tile, D_p =
+// ⟨dO_p, O_p⟩ = Σ_m A_pm dP_pm; then per key tile, streaming the query tiles, dk, dv and the key
+// tile's share of dq. Halo rows of a tile's result overlap its neighbours': every tile writes its
 // own buffer and the buffers are added in a fixed order, so the results do not depend on the
 // number of threads. On x86 the tile loops are compiled a second time for AVX2+FMA.
 #include <ATen/ATen.h>
