@@ -125,3 +125,42 @@ def targets(rows):
     ] + ([] if native256 is None else [
         Target("12", f"{NAME} {shape256}, native: forward peak memory (GiB)",
                native256.peak_bytes / 2 ** 30 if native256.peak_bytes else None, "<=", 1.0, "GiB")])
+
+
+def section(rows, opts, sweep):
+    """The largest square image each takes within the memory budget for a forward+backward (the
+    training peak, batch 1), from the peaks measured in this run: ours is affine in the number of
+    pixels N (an O(N + M) working set), the official module's quadratic (its N×M scores), so a
+    line through the smallest and largest measured side, and for the official a parabola
+    through three sides. An estimate: the 8 GB sizes themselves take hours on this CPU."""
+    budget = opts.mem_budget_bytes
+    lines = [f"\nLargest square image within {budget / 2**30:.1f} GiB for a forward+backward of {NAME} "
+             f"(C = {CHANNELS}, batch 1; estimated from the measured peaks):"]
+    for backend, degree in (("official (eager)", 2), ("native", 1)):
+        measured = sorted((r.pixels, r.peak_bytes) for r in rows if r.name == NAME and r.backend == backend
+                          and r.peak_bytes and "topk" not in r.shape and r.fwdbwd_ms is not None)
+        side = largest_side(measured, budget, degree)
+        if side is not None:
+            points = ", ".join(f"{int(p ** 0.5)}²: {m / 2**20:.0f} MiB" for p, m in measured)
+            lines.append(f"  {backend:18} about {side}x{side} (peaks {points})")
+    return "\n".join(lines) if len(lines) > 1 else ""
+
+
+def largest_side(measured, budget, degree):
+    """The side s (a multiple of 8) at which a polynomial of ``degree`` 1 or 2 in the pixels N,
+    through the smallest, (middle) and largest measured (N, peak), reaches ``budget``; None
+    without enough points or when the fit does not grow."""
+    if len(measured) < degree + 1:
+        return None
+    (n0, m0), (n2, m2) = measured[0], measured[-1]
+    if degree == 1:
+        slope = (m2 - m0) / (n2 - n0)
+        n = (budget - m0) / slope + n0 if slope > 0 else None
+    else:
+        n1, m1 = measured[len(measured) // 2]
+        # Newton's divided differences: peak(N) = m0 + d01 (N − n0) + d012 (N − n0)(N − n1)
+        d01, d12 = (m1 - m0) / (n1 - n0), (m2 - m1) / (n2 - n1)
+        d012 = (d12 - d01) / (n2 - n0)
+        a, b, c = d012, d01 - d012 * (n0 + n1), m0 - d01 * n0 + d012 * n0 * n1 - budget
+        n = (-b + (b * b - 4 * a * c) ** 0.5) / (2 * a) if a > 0 else None
+    return None if n is None or n <= 0 else int(n ** 0.5) // 8 * 8

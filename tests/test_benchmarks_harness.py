@@ -127,6 +127,27 @@ def test_speedup_arithmetic():
     assert Row("g", "op", "s", "b", "backend", 1, fwd_ms=3.0, floor_ms=2.0).floor_ratio == 1.5
 
 
+def test_patch_largest_image_fits_affine_and_quadratic_peaks():
+    """Patch attention's largest image within the budget: an affine peak for ours, a quadratic one
+    for the official module (its N×M scores), each solved from the measured points."""
+    from benchmarks import patch
+    budget = 8 * 2**30
+    affine = [(n, 2e6 + 100.0 * n) for n in (48**2, 64**2, 128**2)]
+    assert patch.largest_side(affine, budget, 1) == int(((budget - 2e6) / 100.0) ** 0.5) // 8 * 8
+    quadratic = [(n, 5e7 + 3.0 * n + 13.2 * n * n) for n in (48**2, 64**2, 128**2)]
+    n = (-3.0 + (9.0 - 4 * 13.2 * (5e7 - budget)) ** 0.5) / (2 * 13.2)
+    assert patch.largest_side(quadratic, budget, 2) == int(n ** 0.5) // 8 * 8
+    assert patch.largest_side(affine[:1], budget, 1) is None
+
+    def row(backend, side, peak):
+        return Row("patch", patch.NAME, f"{side}x{side}", backend, "backend", side * side, peak_bytes=peak,
+                   fwd_ms=1.0, fwdbwd_ms=2.0)
+    rows = [row("native", s, p) for (n, p), s in zip(affine, (48, 64, 128))]
+    section = patch.section(rows, Options(), "targets")
+    assert f"native             about {patch.largest_side(affine, budget, 1)}x" in section
+    assert "official" not in section  # no official rows measured: no line for it
+
+
 def test_target_verdicts():
     assert report.Target("2", "x", 5.5, ">=", 5.0).verdict == "PASS"
     assert report.Target("2", "x", 0.31, "<=", 0.30, "%").verdict == "FAIL"

@@ -87,15 +87,18 @@ def test_backend_matches_reference(backend, shape, dtype):
 
 
 # Several query and key tiles of the kernels (16 × 16 on CPU), ragged at the edges, and levels
-# whose tiles end at different places.
-MULTI_TILE_SHAPE = (2, 3, 4, (19, 35), [(19, 35), (17, 31), (9, 16)])
+# whose tiles end at different places; the second with channel counts that fill the CPU tile
+# products' 16-wide register blocks and leave a ragged block after them.
+MULTI_TILE_SHAPES = [(2, 3, 4, (19, 35), [(19, 35), (17, 31), (9, 16)]),
+                     (1, 17, 33, (21, 18), [(21, 18), (18, 16)])]
 
 
 @pytest.mark.parametrize("backend", [pytest.param("native", marks=requires_native)])
+@pytest.mark.parametrize("shape", MULTI_TILE_SHAPES, ids=shape_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("topk", [None, 7])
-def test_backend_matches_reference_across_tiles(backend, dtype, topk):
-    assert_backend_close(backend, MULTI_TILE_SHAPE, dtype, topk, zero_keys=True)
+def test_backend_matches_reference_across_tiles(backend, shape, dtype, topk):
+    assert_backend_close(backend, shape, dtype, topk, zero_keys=True)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

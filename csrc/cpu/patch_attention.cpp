@@ -8,9 +8,10 @@
 //
 // Forward, per query tile: pass 1 streams the key tiles for each query's log-sum-exp (with topk:
 // a per-query heap of its t best keys, whose worst gives the threshold and the tie rule's last
-// kept index); pass 2 streams them again for the output. Backward (FlashAttention-2 style,
-// recomputing the scores): per query tile, D_p = ⟨dO_p, O_p⟩ = Σ_m A_pm dP_pm, then dq; per key
-// tile, dk and dv. Halo rows of a tile's result overlap its neighbours': every tile writes its
+// kept index); pass 2 streams them again for the output (with topk it reads the heaps' keys
+// instead). Backward (FlashAttention-2 style, recomputing the scores): per query tile, D_p =
+// ⟨dO_p, O_p⟩ = Σ_m A_pm dP_pm; then per key tile, streaming the query tiles, dk, dv and the key
+// tile's share of dq. Halo rows of a tile's result overlap its neighbours': every tile writes its
 // own buffer and the buffers are added in a fixed order, so the results do not depend on the
 // number of threads. On x86 the tile loops are compiled a second time for AVX2+FMA.
 #include <ATen/ATen.h>
@@ -121,204 +122,220 @@ inline float8 load8(const float* p) {
   return v;
 }
 inline void store8(float* p, float8 v) { std::memcpy(p, &v, sizeof(v)); }
-inline float8 splat8(float x) { return float8{} + x; }
 
-constexpr int64_t kRowBlock = 4, kColBlock = 16, kChannelBlock = 32;
+// The tile products: blocks of kBlockRows × kBlockCols outputs.
+constexpr int64_t kBlockRows = 6, kBlockCols = 16;
+// Every buffer a tile product reads as b ends in this many spare floats (zeros), for the loads of
+// its ragged right-edge blocks.
+constexpr int64_t kProductSlack = kBlockCols;
+// The backward's memory for the key tiles' shares of dq (see backward_cpu).
+constexpr int64_t kShareBudget = int64_t(64) << 20;
 
-// g[i][j] = Σ_c a[i][c] · b[c][j]: a pixel-major (na × C), b channel-major (C × nb). A 4 × 16
-// block of g is accumulated in registers over the channels.
-#define PATCH_TILE_FUNCTIONS(ATTR, SUFFIX)                                                                        \
-  /* exp_approx(float) on eight lanes. */                                                                        \
-  ATTR inline float8 exp8##SUFFIX(float8 x) {                                                                    \
-    const int8v valid = x > splat8(-87.0f);                                                                      \
-    x = x < splat8(88.0f) ? x : splat8(88.0f);                                                                   \
-    x = x > splat8(-87.0f) ? x : splat8(-87.0f);                                                                 \
-    const float8 t = x * 1.44269504088896341f + (x >= splat8(0.0f) ? splat8(0.5f) : splat8(-0.5f));             \
-    const int8v ni = __builtin_convertvector(t, int8v);                                                          \
-    const float8 n = __builtin_convertvector(ni, float8);                                                        \
-    const float8 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;                                                \
-    float8 p = splat8(1.9875691500e-4f);                                                                         \
-    p = p * r + 1.3981999507e-3f;                                                                                \
-    p = p * r + 8.3334519073e-3f;                                                                                \
-    p = p * r + 4.1665795894e-2f;                                                                                \
-    p = p * r + 1.6666665459e-1f;                                                                                \
-    p = p * r + 5.0000001201e-1f;                                                                                \
-    const float8 y = p * r * r + r + 1.0f;                                                                       \
-    const float8 scale = (float8)((ni + 127) << 23);                                                             \
-    return (float8)((int8v)(y * scale) & valid);                                                                 \
-  }                                                                                                              \
-                                                                                                                 \
-  /* pixel_gram for float32: a 4 × 16 block of g in eight vector registers over the channels. */                 \
-  ATTR void pixel_gram_float##SUFFIX(const float* __restrict a, const float* __restrict b, int64_t na,           \
-                                     int64_t nb, int64_t channels, float* __restrict g) {                         \
-    int64_t i = 0;                                                                                               \
-    for (; i + 4 <= na; i += 4) {                                                                                \
-      int64_t j = 0;                                                                                             \
-      for (; j + 16 <= nb; j += 16) {                                                                            \
-        float8 acc00{}, acc01{}, acc10{}, acc11{}, acc20{}, acc21{}, acc30{}, acc31{};                           \
-        const float* __restrict a0 = a + i * channels;                                                           \
-        for (int64_t c = 0; c < channels; ++c) {                                                                 \
-          const float8 b0 = load8(b + c * nb + j), b1 = load8(b + c * nb + j + 8);                               \
-          const float8 x0 = splat8(a0[c]), x1 = splat8(a0[channels + c]), x2 = splat8(a0[2 * channels + c]),     \
-                       x3 = splat8(a0[3 * channels + c]);                                                        \
-          acc00 += x0 * b0; acc01 += x0 * b1;                                                                    \
-          acc10 += x1 * b0; acc11 += x1 * b1;                                                                    \
-          acc20 += x2 * b0; acc21 += x2 * b1;                                                                    \
-          acc30 += x3 * b0; acc31 += x3 * b1;                                                                    \
-        }                                                                                                        \
-        store8(g + i * nb + j, acc00); store8(g + i * nb + j + 8, acc01);                                        \
-        store8(g + (i + 1) * nb + j, acc10); store8(g + (i + 1) * nb + j + 8, acc11);                            \
-        store8(g + (i + 2) * nb + j, acc20); store8(g + (i + 2) * nb + j + 8, acc21);                            \
-        store8(g + (i + 3) * nb + j, acc30); store8(g + (i + 3) * nb + j + 8, acc31);                            \
-      }                                                                                                          \
-      for (; j < nb; ++j)                                                                                        \
-        for (int64_t r = 0; r < 4; ++r) {                                                                        \
-          float sum = 0.0f;                                                                                      \
-          for (int64_t c = 0; c < channels; ++c) sum += a[(i + r) * channels + c] * b[c * nb + j];               \
-          g[(i + r) * nb + j] = sum;                                                                             \
-        }                                                                                                        \
-    }                                                                                                            \
-    for (; i < na; ++i)                                                                                          \
-      for (int64_t j = 0; j < nb; ++j) {                                                                         \
-        float sum = 0.0f;                                                                                        \
-        for (int64_t c = 0; c < channels; ++c) sum += a[i * channels + c] * b[c * nb + j];                       \
-        g[i * nb + j] = sum;                                                                                     \
-      }                                                                                                          \
-  }                                                                                                              \
-                                                                                                                 \
-  template <typename T>                                                                                          \
-  ATTR void pixel_gram##SUFFIX(const T* __restrict a, const T* __restrict b, int64_t na, int64_t nb,             \
-                               int64_t channels, T* __restrict g) {                                               \
-    if constexpr (std::is_same_v<T, float>) return pixel_gram_float##SUFFIX(a, b, na, nb, channels, g);          \
-    int64_t i = 0;                                                                                               \
-    for (; i + kRowBlock <= na; i += kRowBlock) {                                                                \
-      int64_t j = 0;                                                                                             \
-      for (; j + kColBlock <= nb; j += kColBlock) {                                                              \
-        T acc[kRowBlock][kColBlock] = {};                                                                        \
-        for (int64_t c = 0; c < channels; ++c) {                                                                 \
-          const T* __restrict bc = b + c * nb + j;                                                               \
-          for (int64_t r = 0; r < kRowBlock; ++r) {                                                              \
-            const T ar = a[(i + r) * channels + c];                                                              \
-            for (int64_t k = 0; k < kColBlock; ++k) acc[r][k] += ar * bc[k];                                     \
-          }                                                                                                      \
-        }                                                                                                        \
-        for (int64_t r = 0; r < kRowBlock; ++r)                                                                  \
-          for (int64_t k = 0; k < kColBlock; ++k) g[(i + r) * nb + j + k] = acc[r][k];                           \
-      }                                                                                                          \
-      for (; j < nb; ++j)                                                                                        \
-        for (int64_t r = 0; r < kRowBlock; ++r) {                                                                \
-          T sum = T(0);                                                                                          \
-          for (int64_t c = 0; c < channels; ++c) sum += a[(i + r) * channels + c] * b[c * nb + j];               \
-          g[(i + r) * nb + j] = sum;                                                                             \
-        }                                                                                                        \
-    }                                                                                                            \
-    for (; i < na; ++i)                                                                                          \
-      for (int64_t j = 0; j < nb; ++j) {                                                                         \
-        T sum = T(0);                                                                                            \
-        for (int64_t c = 0; c < channels; ++c) sum += a[i * channels + c] * b[c * nb + j];                       \
-        g[i * nb + j] = sum;                                                                                     \
-      }                                                                                                          \
-  }                                                                                                              \
-                                                                                                                 \
-  /* out[m] = exp(s[m] − shift) */                                                                               \
-  template <typename T>                                                                                          \
-  ATTR void exp_shifted##SUFFIX(const T* __restrict s, T shift, int64_t n, T* __restrict out) {                  \
-    int64_t m = 0;                                                                                               \
-    if constexpr (std::is_same_v<T, float>)                                                                      \
-      for (; m + 8 <= n; m += 8) store8(out + m, exp8##SUFFIX(load8(s + m) - shift));                           \
-    for (; m < n; ++m) out[m] = exp_approx(s[m] - shift);                                                        \
-  }                                                                                                              \
-                                                                                                                 \
-  /* s[p][m] = Σ_δ g[p+δ][m+δ] over the two rectangles' interiors (p: qr, m: kr). */                            \
-  template <typename T>                                                                                          \
-  ATTR void diagonal_sums##SUFFIX(const T* __restrict g, const HaloRect& qr, const HaloRect& kr, T* __restrict s) { \
-    const int64_t nk = kr.rows * kr.cols, nbh = kr.halo_size();                                                  \
-    for (int64_t p = 0; p < qr.rows * qr.cols; ++p) {                                                            \
-      const int64_t py = p / qr.cols, px = p % qr.cols;                                                          \
-      T* __restrict row = s + p * nk;                                                                            \
-      for (int64_t m = 0; m < nk; ++m) row[m] = T(0);                                                            \
-      for (int64_t dy = -1; dy <= 1; ++dy)                                                                       \
-        for (int64_t dx = -1; dx <= 1; ++dx) {                                                                   \
-          const T* __restrict grow = g + qr.halo_index(py + dy, px + dx) * nbh;                                  \
-          for (int64_t my = 0; my < kr.rows; ++my) {                                                             \
-            const T* __restrict src = grow + kr.halo_index(my + dy, dx);                                         \
-            T* __restrict dst = row + my * kr.cols;                                                              \
-            for (int64_t mx = 0; mx < kr.cols; ++mx) dst[mx] += src[mx];                                         \
-          }                                                                                                      \
-        }                                                                                                        \
-    }                                                                                                            \
-  }                                                                                                              \
-                                                                                                                 \
-  /* The adjoint: acc[x][y] = Σ_δ a[x−δ][y−δ] (acc: qr halo × kr halo). */                                       \
-  template <typename T>                                                                                          \
+#define PATCH_TILE_FUNCTIONS(ATTR, SUFFIX)                                                                           \
+  /* x on eight lanes (compiled here so that the AVX2 clone broadcasts in one instruction). */                       \
+  ATTR inline float8 splat8##SUFFIX(float x) { return float8{x, x, x, x, x, x, x, x}; }                              \
+                                                                                                                     \
+  /* exp_approx(float) on eight lanes. */                                                                            \
+  ATTR inline float8 exp8##SUFFIX(float8 x) {                                                                        \
+    const int8v valid = x > splat8##SUFFIX(-87.0f);                                                                  \
+    x = x < splat8##SUFFIX(88.0f) ? x : splat8##SUFFIX(88.0f);                                                       \
+    x = x > splat8##SUFFIX(-87.0f) ? x : splat8##SUFFIX(-87.0f);                                                     \
+    const float8 t = x * 1.44269504088896341f + (x >= splat8##SUFFIX(0.0f) ? splat8##SUFFIX(0.5f) : splat8##SUFFIX(-0.5f)); \
+    const int8v ni = __builtin_convertvector(t, int8v);                                                              \
+    const float8 n = __builtin_convertvector(ni, float8);                                                            \
+    const float8 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;                                                    \
+    float8 p = splat8##SUFFIX(1.9875691500e-4f);                                                                     \
+    p = p * r + 1.3981999507e-3f;                                                                                    \
+    p = p * r + 8.3334519073e-3f;                                                                                    \
+    p = p * r + 4.1665795894e-2f;                                                                                    \
+    p = p * r + 1.6666665459e-1f;                                                                                    \
+    p = p * r + 5.0000001201e-1f;                                                                                    \
+    const float8 y = p * r * r + r + 1.0f;                                                                           \
+    const float8 scale = (float8)((ni + 127) << 23);                                                                 \
+    return (float8)((int8v)(y * scale) & valid);                                                                     \
+  }                                                                                                                  \
+                                                                                                                     \
+  /* One block of block_product_float: kBlockRows × 16 outputs in twelve vector registers while k */                 \
+  /* runs (twelve independent FMA chains hide the FMA latency; the a values are broadcast from */                    \
+  /* memory, so that nothing spills). */                                                                             \
+  template <bool kSkipZero>                                                                                          \
+  ATTR inline void row_block##SUFFIX(const float* __restrict a, int64_t a_row, int64_t a_k,                          \
+                                     const float* __restrict b, int64_t b_k, int64_t depth,                          \
+                                     float8 (&acc)[kBlockRows][2]) {                                                 \
+    for (int64_t k = 0; k < depth; ++k) {                                                                            \
+      const float* __restrict ak = a + k * a_k;                                                                      \
+      if (kSkipZero) {                                                                                               \
+        bool all_zero = true;                                                                                        \
+        for (int64_t r = 0; r < kBlockRows; ++r) all_zero = all_zero && ak[r * a_row] == 0.0f;                       \
+        if (all_zero) continue;                                                                                      \
+      }                                                                                                              \
+      const float8 b0 = load8(b + k * b_k), b1 = load8(b + k * b_k + 8);                                             \
+      _Pragma("GCC unroll 6") for (int64_t r = 0; r < kBlockRows; ++r) {                                             \
+        const float8 x = splat8##SUFFIX(ak[r * a_row]);                                                              \
+        acc[r][0] += x * b0;                                                                                         \
+        acc[r][1] += x * b1;                                                                                         \
+      }                                                                                                              \
+    }                                                                                                                \
+  }                                                                                                                  \
+                                                                                                                     \
+  /* The float32 block_product, in blocks of kBlockRows × 16 outputs; the last rows (fewer than */                   \
+  /* kBlockRows) one at a time. A ragged block at the right edge loads 16 columns of b all the */                    \
+  /* same and stores only its own: b must be readable kBlockCols floats past its last row (see */                    \
+  /* kProductSlack). With `skip_zero`, a k where the block's a values are all 0 is skipped (the */                   \
+  /* masked probabilities of top-k). */                                                                              \
+  ATTR void block_product_float##SUFFIX(const float* __restrict a, int64_t a_row, int64_t a_k,                       \
+                                        const float* __restrict b, int64_t b_k, int64_t rows, int64_t cols,          \
+                                        int64_t depth, float* __restrict out, int64_t out_row, bool accumulate,      \
+                                        bool skip_zero) {                                                            \
+    for (int64_t r0 = 0; r0 < rows; r0 += kBlockRows) {                                                              \
+      const int64_t nr = std::min(kBlockRows, rows - r0);                                                            \
+      const float* __restrict ar = a + r0 * a_row;                                                                   \
+      for (int64_t n0 = 0; n0 < cols; n0 += kBlockCols) {                                                            \
+        const int64_t nn = std::min(kBlockCols, cols - n0);                                                          \
+        float8 acc[kBlockRows][2] = {};                                                                              \
+        if (nr == kBlockRows) {                                                                                      \
+          if (skip_zero)                                                                                             \
+            row_block##SUFFIX<true>(ar, a_row, a_k, b + n0, b_k, depth, acc);                                        \
+          else                                                                                                       \
+            row_block##SUFFIX<false>(ar, a_row, a_k, b + n0, b_k, depth, acc);                                       \
+        } else {                                                                                                     \
+          for (int64_t k = 0; k < depth; ++k) {                                                                      \
+            const float8 b0 = load8(b + k * b_k + n0), b1 = load8(b + k * b_k + n0 + 8);                             \
+            for (int64_t r = 0; r < nr; ++r) {                                                                       \
+              const float8 x = splat8##SUFFIX(ar[r * a_row + k * a_k]);                                              \
+              acc[r][0] += x * b0;                                                                                   \
+              acc[r][1] += x * b1;                                                                                   \
+            }                                                                                                        \
+          }                                                                                                          \
+        }                                                                                                            \
+        for (int64_t r = 0; r < nr; ++r) {                                                                           \
+          float* __restrict o = out + (r0 + r) * out_row + n0;                                                       \
+          if (nn == kBlockCols) {                                                                                    \
+            store8(o, accumulate ? load8(o) + acc[r][0] : acc[r][0]);                                                \
+            store8(o + 8, accumulate ? load8(o + 8) + acc[r][1] : acc[r][1]);                                        \
+          } else {                                                                                                   \
+            for (int64_t n = 0; n < nn; ++n) {                                                                       \
+              const float value = n < 8 ? acc[r][0][n] : acc[r][1][n - 8];                                           \
+              o[n] = accumulate ? o[n] + value : value;                                                              \
+            }                                                                                                        \
+          }                                                                                                          \
+        }                                                                                                            \
+      }                                                                                                              \
+    }                                                                                                                \
+  }                                                                                                                  \
+                                                                                                                     \
+  /* out[r][n] (= or +=) Σ_k a[r·a_row + k·a_k] · b[k·b_k + n], r < rows, n < cols, k < depth: the */                \
+  /* three products of the tiles (see pixel_gram, product_rows and product_cols). */                                 \
+  template <typename T>                                                                                              \
+  ATTR void block_product##SUFFIX(const T* __restrict a, int64_t a_row, int64_t a_k, const T* __restrict b,          \
+                                  int64_t b_k, int64_t rows, int64_t cols, int64_t depth, T* __restrict out,         \
+                                  int64_t out_row, bool accumulate, bool skip_zero) {                                \
+    if constexpr (std::is_same_v<T, float>) {                                                                        \
+      block_product_float##SUFFIX(a, a_row, a_k, b, b_k, rows, cols, depth, out, out_row, accumulate, skip_zero);    \
+    } else {                                                                                                         \
+      for (int64_t r = 0; r < rows; ++r)                                                                             \
+        for (int64_t n = 0; n < cols; ++n) {                                                                         \
+          T sum = T(0);                                                                                              \
+          for (int64_t k = 0; k < depth; ++k) sum += a[r * a_row + k * a_k] * b[k * b_k + n];                        \
+          out[r * out_row + n] = accumulate ? out[r * out_row + n] + sum : sum;                                      \
+        }                                                                                                            \
+    }                                                                                                                \
+  }                                                                                                                  \
+                                                                                                                     \
+  /* out[m] = exp(s[m] − shift) */                                                                                   \
+  template <typename T>                                                                                              \
+  ATTR void exp_shifted##SUFFIX(const T* __restrict s, T shift, int64_t n, T* __restrict out) {                      \
+    int64_t m = 0;                                                                                                   \
+    if constexpr (std::is_same_v<T, float>)                                                                          \
+      for (; m + 8 <= n; m += 8) store8(out + m, exp8##SUFFIX(load8(s + m) - shift));                                \
+    for (; m < n; ++m) out[m] = exp_approx(s[m] - shift);                                                            \
+  }                                                                                                                  \
+                                                                                                                     \
+  /* Folds a row of n scores into an online softmax's running (max, Σ exp(s − max)); the tile's */                   \
+  /* exponentials are summed in T (at most one tile of them, each ≤ 1), the running sum in double. */                \
+  template <typename T>                                                                                              \
+  ATTR void online_exp_sum##SUFFIX(const T* __restrict s, int64_t n, T& max, double& sum) {                          \
+    T tile_max = max;                                                                                                \
+    int64_t m = 0;                                                                                                   \
+    if constexpr (std::is_same_v<T, float>) {                                                                        \
+      float8 vmax = splat8##SUFFIX(tile_max);                                                                        \
+      for (; m + 8 <= n; m += 8) {                                                                                   \
+        const float8 v = load8(s + m);                                                                               \
+        vmax = v > vmax ? v : vmax;                                                                                  \
+      }                                                                                                              \
+      for (int lane = 0; lane < 8; ++lane) tile_max = std::max(tile_max, vmax[lane]);                                \
+    }                                                                                                                \
+    for (; m < n; ++m) tile_max = std::max(tile_max, s[m]);                                                          \
+    T tile_sum = T(0);                                                                                               \
+    m = 0;                                                                                                           \
+    if constexpr (std::is_same_v<T, float>) {                                                                        \
+      float8 vsum = splat8##SUFFIX(0.0f);                                                                            \
+      for (; m + 8 <= n; m += 8) vsum += exp8##SUFFIX(load8(s + m) - tile_max);                                      \
+      for (int lane = 0; lane < 8; ++lane) tile_sum += vsum[lane];                                                   \
+    }                                                                                                                \
+    for (; m < n; ++m) tile_sum += exp_approx(s[m] - tile_max);                                                      \
+    sum = sum * std::exp(double(max) - double(tile_max)) + double(tile_sum);                                         \
+    max = tile_max;                                                                                                  \
+  }                                                                                                                  \
+                                                                                                                     \
+  /* s[p][m] = Σ_δ g[p+δ][m+δ] over the two rectangles' interiors (p: qr, m: kr); a full key */                      \
+  /* tile's row of sixteen sums stays in two vector registers over the nine δ. */                                    \
+  template <typename T>                                                                                              \
+  ATTR void diagonal_sums##SUFFIX(const T* __restrict g, const HaloRect& qr, const HaloRect& kr, T* __restrict s) {  \
+    const int64_t nk = kr.rows * kr.cols, nbh = kr.halo_size();                                                      \
+    for (int64_t p = 0; p < qr.rows * qr.cols; ++p) {                                                                \
+      const int64_t py = p / qr.cols, px = p % qr.cols;                                                              \
+      T* __restrict row = s + p * nk;                                                                                \
+      if constexpr (std::is_same_v<T, float>) {                                                                      \
+        if (kr.cols == 16) {                                                                                         \
+          for (int64_t my = 0; my < kr.rows; ++my) {                                                                 \
+            float8 lo = splat8##SUFFIX(0.0f), hi = splat8##SUFFIX(0.0f);                                             \
+            for (int64_t dy = -1; dy <= 1; ++dy)                                                                     \
+              for (int64_t dx = -1; dx <= 1; ++dx) {                                                                 \
+                const float* __restrict src = g + qr.halo_index(py + dy, px + dx) * nbh + kr.halo_index(my + dy, dx); \
+                lo += load8(src);                                                                                    \
+                hi += load8(src + 8);                                                                                \
+              }                                                                                                      \
+            store8(row + my * 16, lo);                                                                               \
+            store8(row + my * 16 + 8, hi);                                                                           \
+          }                                                                                                          \
+          continue;                                                                                                  \
+        }                                                                                                            \
+      }                                                                                                              \
+      for (int64_t m = 0; m < nk; ++m) row[m] = T(0);                                                                \
+      for (int64_t dy = -1; dy <= 1; ++dy)                                                                           \
+        for (int64_t dx = -1; dx <= 1; ++dx) {                                                                       \
+          const T* __restrict grow = g + qr.halo_index(py + dy, px + dx) * nbh;                                      \
+          for (int64_t my = 0; my < kr.rows; ++my) {                                                                 \
+            const T* __restrict src = grow + kr.halo_index(my + dy, dx);                                             \
+            T* __restrict dst = row + my * kr.cols;                                                                  \
+            for (int64_t mx = 0; mx < kr.cols; ++mx) dst[mx] += src[mx];                                             \
+          }                                                                                                          \
+        }                                                                                                            \
+    }                                                                                                                \
+  }                                                                                                                  \
+                                                                                                                     \
+  /* The adjoint: acc[x][y] = Σ_δ a[x−δ][y−δ] (acc: qr halo × kr halo), one row x at a time so */                    \
+  /* that it stays in the first-level cache over its (up to) nine contributions. */                                  \
+  template <typename T>                                                                                              \
   ATTR void diagonal_spread##SUFFIX(const T* __restrict a, const HaloRect& qr, const HaloRect& kr, T* __restrict acc) { \
-    const int64_t nk = kr.rows * kr.cols, nbh = kr.halo_size();                                                  \
-    for (int64_t i = 0; i < qr.halo_size() * nbh; ++i) acc[i] = T(0);                                            \
-    for (int64_t p = 0; p < qr.rows * qr.cols; ++p) {                                                            \
-      const int64_t py = p / qr.cols, px = p % qr.cols;                                                          \
-      const T* __restrict row = a + p * nk;                                                                      \
-      for (int64_t dy = -1; dy <= 1; ++dy)                                                                       \
-        for (int64_t dx = -1; dx <= 1; ++dx) {                                                                   \
-          T* __restrict arow = acc + qr.halo_index(py + dy, px + dx) * nbh;                                      \
-          for (int64_t my = 0; my < kr.rows; ++my) {                                                             \
-            T* __restrict dst = arow + kr.halo_index(my + dy, dx);                                               \
-            const T* __restrict src = row + my * kr.cols;                                                        \
-            for (int64_t mx = 0; mx < kr.cols; ++mx) dst[mx] += src[mx];                                         \
-          }                                                                                                      \
-        }                                                                                                        \
-    }                                                                                                            \
-  }                                                                                                              \
-                                                                                                                 \
-  /* out[x][c] += Σ_y w[x][y] · b[y][c] (w: nx × ny; b, out pixel-major); a block of 32 channels of */          \
-  /* out stays in registers while y runs. */                                                                     \
-  template <typename T>                                                                                          \
-  ATTR void product_rows##SUFFIX(const T* __restrict w, const T* __restrict b, int64_t nx, int64_t ny,           \
-                                 int64_t channels, T* __restrict out) {                                           \
-    for (int64_t x = 0; x < nx; ++x) {                                                                           \
-      const T* __restrict wx = w + x * ny;                                                                       \
-      int64_t c0 = 0;                                                                                            \
-      for (; c0 + kChannelBlock <= channels; c0 += kChannelBlock) {                                              \
-        T acc[kChannelBlock];                                                                                    \
-        for (int64_t k = 0; k < kChannelBlock; ++k) acc[k] = out[x * channels + c0 + k];                         \
-        for (int64_t y = 0; y < ny; ++y) {                                                                       \
-          const T wy = wx[y];                                                                                    \
-          if (wy == T(0)) continue;                                                                              \
-          const T* __restrict by = b + y * channels + c0;                                                        \
-          for (int64_t k = 0; k < kChannelBlock; ++k) acc[k] += wy * by[k];                                      \
-        }                                                                                                        \
-        for (int64_t k = 0; k < kChannelBlock; ++k) out[x * channels + c0 + k] = acc[k];                         \
-      }                                                                                                          \
-      for (int64_t y = 0; c0 < channels && y < ny; ++y) {                                                        \
-        const T wy = wx[y];                                                                                      \
-        if (wy == T(0)) continue;                                                                                \
-        for (int64_t c = c0; c < channels; ++c) out[x * channels + c] += wy * b[y * channels + c];              \
-      }                                                                                                          \
-    }                                                                                                            \
-  }                                                                                                              \
-                                                                                                                 \
-  /* out[y][c] += Σ_x w[x][y] · b[x][c] (w: nx × ny; b, out pixel-major). */                                     \
-  template <typename T>                                                                                          \
-  ATTR void product_cols##SUFFIX(const T* __restrict w, const T* __restrict b, int64_t nx, int64_t ny,           \
-                                 int64_t channels, T* __restrict out) {                                           \
-    for (int64_t y = 0; y < ny; ++y) {                                                                           \
-      int64_t c0 = 0;                                                                                            \
-      for (; c0 + kChannelBlock <= channels; c0 += kChannelBlock) {                                              \
-        T acc[kChannelBlock];                                                                                    \
-        for (int64_t k = 0; k < kChannelBlock; ++k) acc[k] = out[y * channels + c0 + k];                         \
-        for (int64_t x = 0; x < nx; ++x) {                                                                       \
-          const T wx = w[x * ny + y];                                                                            \
-          if (wx == T(0)) continue;                                                                              \
-          const T* __restrict bx = b + x * channels + c0;                                                        \
-          for (int64_t k = 0; k < kChannelBlock; ++k) acc[k] += wx * bx[k];                                      \
-        }                                                                                                        \
-        for (int64_t k = 0; k < kChannelBlock; ++k) out[y * channels + c0 + k] = acc[k];                         \
-      }                                                                                                          \
-      for (int64_t x = 0; c0 < channels && x < nx; ++x) {                                                        \
-        const T wx = w[x * ny + y];                                                                              \
-        if (wx == T(0)) continue;                                                                                \
-        for (int64_t c = c0; c < channels; ++c) out[y * channels + c] += wx * b[x * channels + c];              \
-      }                                                                                                          \
-    }                                                                                                            \
+    const int64_t nk = kr.rows * kr.cols, nbh = kr.halo_size();                                                      \
+    for (int64_t hy = -1; hy <= qr.rows; ++hy)                                                                       \
+      for (int64_t hx = -1; hx <= qr.cols; ++hx) {                                                                   \
+        T* __restrict out = acc + qr.halo_index(hy, hx) * nbh;                                                       \
+        for (int64_t i = 0; i < nbh; ++i) out[i] = T(0);                                                             \
+        for (int64_t dy = 1; dy >= -1; --dy)  /* in the order of the source rows p = x − δ */                        \
+          for (int64_t dx = 1; dx >= -1; --dx) {                                                                     \
+            const int64_t py = hy - dy, px = hx - dx;                                                                \
+            if (py < 0 || py >= qr.rows || px < 0 || px >= qr.cols) continue;                                        \
+            const T* __restrict row = a + (py * qr.cols + px) * nk;                                                  \
+            for (int64_t my = 0; my < kr.rows; ++my) {                                                               \
+              T* __restrict dst = out + kr.halo_index(my + dy, dx);                                                  \
+              const T* __restrict src = row + my * kr.cols;                                                          \
+              for (int64_t mx = 0; mx < kr.cols; ++mx) dst[mx] += src[mx];                                           \
+            }                                                                                                        \
+          }                                                                                                          \
+      }                                                                                                              \
   }
 
 PATCH_TILE_FUNCTIONS(, _portable)
@@ -340,6 +357,24 @@ bool cpu_has_avx2() {
 #else
 #define PATCH_CALL(fn, ...) fn##_portable(__VA_ARGS__)
 #endif
+
+// g[i][j] = Σ_c a[i][c] · b[c][j]: a pixel-major (na × C), b channel-major (C × nb).
+template <typename T>
+void pixel_gram(const T* a, const T* b, int64_t na, int64_t nb, int64_t channels, T* g) {
+  PATCH_CALL(block_product, a, channels, 1, b, nb, na, nb, channels, g, nb, false, false);
+}
+
+// out[x][c] += Σ_y w[x][y] · b[y][c] (w: nx × ny; b, out pixel-major).
+template <typename T>
+void product_rows(const T* w, const T* b, int64_t nx, int64_t ny, int64_t channels, T* out, bool skip_zero) {
+  PATCH_CALL(block_product, w, ny, 1, b, channels, nx, channels, ny, out, channels, true, skip_zero);
+}
+
+// out[y][c] += Σ_x w[x][y] · b[x][c] (w: nx × ny; b, out pixel-major).
+template <typename T>
+void product_cols(const T* w, const T* b, int64_t nx, int64_t ny, int64_t channels, T* out, bool skip_zero) {
+  PATCH_CALL(block_product, w, 1, ny, b, channels, ny, channels, nx, out, channels, true, skip_zero);
+}
 
 // ---------------------------------------------------------------------------------------------
 // One image's problem: its maps, key tiles, and the per-query / per-key statistics
@@ -365,6 +400,7 @@ struct Problem {
   // backward every query tile's pixels of q and of the output gradient.
   std::vector<T> key_channel_tiles, key_pixel_tiles, value_channel_tiles, value_pixel_tiles;
   std::vector<T> query_pixel_tiles, grad_pixel_tiles;
+  std::vector<T> value_pixels;  // with topk, the forward's values pixel-major (M × Cv), level after level
   const T* key_channel_tile(const KeyTile& kt) const { return key_channel_tiles.data() + kt.index * kHaloPixels * q.channels; }
   const T* key_pixel_tile(const KeyTile& kt) const { return key_pixel_tiles.data() + kt.index * kHaloPixels * q.channels; }
   const T* value_channel_tile(const KeyTile& kt) const {
@@ -377,7 +413,7 @@ struct Problem {
 template <typename T>
 void gather_key_tiles(const Problem<T>& pr, bool values, bool pixel_major, std::vector<T>& out) {
   const int64_t channels = values ? pr.value_channels : pr.q.channels;
-  out.resize(pr.key_tiles.size() * kHaloPixels * channels);
+  out.resize(pr.key_tiles.size() * kHaloPixels * channels + kProductSlack);
   at::parallel_for(0, pr.key_tiles.size(), 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const KeyTile& kt = pr.key_tiles[t];
@@ -389,10 +425,22 @@ void gather_key_tiles(const Problem<T>& pr, bool values, bool pixel_major, std::
 
 template <typename T>
 void gather_query_tiles(const Map<T>& map, const Grid& grid, std::vector<T>& out) {
-  out.resize(grid.count() * kHaloPixels * map.channels);
+  out.resize(grid.count() * kHaloPixels * map.channels + kProductSlack);
   at::parallel_for(0, grid.count(), 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) gather(map, grid.rect(t), out.data() + t * kHaloPixels * map.channels, true);
   });
+}
+
+template <typename T>
+void gather_value_pixels(Problem<T>& pr) {
+  pr.value_pixels.resize(pr.n_keys * pr.value_channels);
+  T* out = pr.value_pixels.data();
+  for (const Map<T>& v : pr.values) {
+    const int64_t plane = v.rows * v.cols;
+    for (int64_t i = 0; i < plane; ++i)
+      for (int64_t c = 0; c < v.channels; ++c) out[i * v.channels + c] = v.data[c * plane + i];
+    out += plane * v.channels;
+  }
 }
 
 template <typename T>
@@ -428,7 +476,7 @@ struct Workspace {
 template <typename T>
 void tile_scores(const Problem<T>& pr, Workspace<T>& ws, const HaloRect& qr, const KeyTile& kt) {
   const int64_t cq = pr.q.channels;
-  PATCH_CALL(pixel_gram, ws.query, pr.key_channel_tile(kt), qr.halo_size(), kt.rect.halo_size(), cq, ws.gram.data());
+  pixel_gram(ws.query, pr.key_channel_tile(kt), qr.halo_size(), kt.rect.halo_size(), cq, ws.gram.data());
   PATCH_CALL(diagonal_sums, ws.gram.data(), qr, kt.rect, ws.scores.data());
   const int64_t nk = kt.rect.rows * kt.rect.cols, level_cols = pr.keys[kt.level].cols;
   T factor[kTilePixels];
@@ -450,8 +498,7 @@ void tile_probs(const Problem<T>& pr, Workspace<T>& ws, const HaloRect& qr, cons
     const int64_t query = (qr.y0 + p / qr.cols) * pr.q.cols + qr.x0 + p % qr.cols;
     T* probs = ws.probs.data() + p * nk;
     const T* scores = ws.scores.data() + p * nk;
-    // exp(s - lse) as exp(s - lse_T) · exp(lse_T - lse): the first difference is exact near the
-    // top scores, the second factor restores lse's bits below T's precision.
+    // exp(s − lse) split as in probability(), eight lanes at a time.
     const T shift = T(pr.lse[query]);
     PATCH_CALL(exp_shifted, scores, shift, nk, probs);
     if constexpr (!std::is_same_v<T, double>) {
@@ -469,7 +516,7 @@ void tile_probs(const Problem<T>& pr, Workspace<T>& ws, const HaloRect& qr, cons
 // ws.grad_probs = dP[p][m] = ⟨dO_p, V_m⟩ (dO's pixels gathered in ws.grad_pixels).
 template <typename T>
 void tile_grad_probs(const Problem<T>& pr, Workspace<T>& ws, const HaloRect& qr, const KeyTile& kt) {
-  PATCH_CALL(pixel_gram, ws.grad, pr.value_channel_tile(kt), qr.halo_size(), kt.rect.halo_size(), pr.value_channels,
+  pixel_gram(ws.grad, pr.value_channel_tile(kt), qr.halo_size(), kt.rect.halo_size(), pr.value_channels,
              ws.value_gram.data());
   PATCH_CALL(diagonal_sums, ws.value_gram.data(), qr, kt.rect, ws.grad_probs.data());
 }
@@ -544,6 +591,42 @@ Problem<T> problem_of(const Tensor& q, const std::vector<Tensor>& keys, const st
 // ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
+// A_pm = exp(s − lse) as exp(s − lse_T) · exp(lse_T − lse): the first difference is exact near
+// the top scores, the second factor restores lse's bits below T's precision.
+template <typename T>
+T probability(T score, double lse) {
+  const T shift = T(lse);
+  const T a = exp_approx(score - shift);
+  return std::is_same_v<T, double> ? a : a * T(std::exp(double(shift) - lse));
+}
+
+// The output of a query tile with top-k, from each query's t kept keys (its heap): O_p = Σ A_pm
+// V_m over them, each 3×3 value patch pasted around p. t·9·Cv multiply-adds per query, where
+// streaming the key tiles again would cost M·(2·Cq + Cv) and more.
+template <typename T>
+void kept_output(const Problem<T>& pr, const HaloRect& qr, const std::vector<TopHeap<T>>& heaps, T* out_buffer) {
+  const int64_t cv = pr.value_channels;
+  for (int64_t p = 0; p < qr.rows * qr.cols; ++p) {
+    const int64_t py = p / qr.cols, px = p % qr.cols;
+    const double lse = pr.lse[(qr.y0 + py) * pr.q.cols + qr.x0 + px];
+    const TopHeap<T>& heap = heaps[p];
+    for (int64_t i = 0; i < heap.size; ++i) {
+      const T a = probability(heap.items[i].score, lse);
+      int64_t level = 0, key = heap.items[i].key;  // key: its index within its level
+      for (; key >= pr.keys[level].rows * pr.keys[level].cols; ++level) key -= pr.keys[level].rows * pr.keys[level].cols;
+      const int64_t rows = pr.keys[level].rows, cols = pr.keys[level].cols, ky = key / cols, kx = key % cols;
+      const T* level_values = pr.value_pixels.data() + (heap.items[i].key - key) * cv;
+      for (int delta = 0; delta < kPatchElements; ++delta) {
+        const int64_t neighbour = neighbour_index(rows, cols, ky, kx, patch_dy(delta), patch_dx(delta));
+        if (neighbour < 0) continue;
+        const T* v = level_values + neighbour * cv;
+        T* o = out_buffer + qr.halo_index(py + patch_dy(delta), px + patch_dx(delta)) * cv;
+        for (int64_t c = 0; c < cv; ++c) o[c] += a * v[c];
+      }
+    }
+  }
+}
+
 template <typename T>
 void forward_query_tile(const Problem<T>& pr, Workspace<T>& ws, int64_t tile, double* lse_out, T* threshold_out,
                         int64_t* last_out, T* out_buffer) {
@@ -569,16 +652,11 @@ void forward_query_tile(const Problem<T>& pr, Workspace<T>& ws, int64_t tile, do
     for (int64_t p = 0; p < np; ++p) {
       const T* s = ws.scores.data() + p * nk;
       if (pr.dense()) {
-        T tile_max = row_max[p];
-        for (int64_t m = 0; m < nk; ++m) tile_max = std::max(tile_max, s[m]);
-        T* exps = ws.probs.data();
-        PATCH_CALL(exp_shifted, s, tile_max, nk, exps);
-        double sum = row_sum[p] * std::exp(double(row_max[p]) - double(tile_max));
-        for (int64_t m = 0; m < nk; ++m) sum += exps[m];
-        row_max[p] = tile_max;
-        row_sum[p] = sum;
+        PATCH_CALL(online_exp_sum, s, nk, row_max[p], row_sum[p]);
       } else {
-        for (int64_t m = 0; m < nk; ++m) heaps[p].offer(s[m], ws.tile_keys[m]);
+        TopHeap<T>& heap = heaps[p];
+        for (int64_t m = 0; m < nk; ++m)  // a score below a full heap's worst cannot enter it
+          if (heap.size < heap.capacity || s[m] >= heap.threshold()) heap.offer(s[m], ws.tile_keys[m]);
       }
     }
   }
@@ -599,12 +677,12 @@ void forward_query_tile(const Problem<T>& pr, Workspace<T>& ws, int64_t tile, do
 
   // Pass 2: out = Ã v over the query tile's halo, into the tile's own buffer.
   std::fill(out_buffer, out_buffer + kHaloPixels * cv, T(0));
+  if (!pr.dense()) return kept_output(pr, qr, heaps, out_buffer);
   for (const KeyTile& kt : pr.key_tiles) {
     tile_scores(pr, ws, qr, kt);
     tile_probs(pr, ws, qr, kt);
     PATCH_CALL(diagonal_spread, ws.probs.data(), qr, kt.rect, ws.spread.data());
-    PATCH_CALL(product_rows, ws.spread.data(), pr.value_pixel_tile(kt), qr.halo_size(), kt.rect.halo_size(), cv,
-               out_buffer);
+    product_rows(ws.spread.data(), pr.value_pixel_tile(kt), qr.halo_size(), kt.rect.halo_size(), cv, out_buffer, false);
   }
 }
 
@@ -631,7 +709,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& q_i
       inverse_norms(problems.back().keys, static_cast<T>(key_eps), norms);
       problems.back().inverse_norm = norms;
       gather_key_tiles(problems.back(), false, false, problems.back().key_channel_tiles);
-      gather_key_tiles(problems.back(), true, true, problems.back().value_pixel_tiles);
+      if (topk == 0)
+        gather_key_tiles(problems.back(), true, true, problems.back().value_pixel_tiles);
+      else
+        gather_value_pixels(problems.back());
       problems.back().lse = lse.const_data_ptr<double>() + b * n_queries;
       problems.back().threshold = threshold.const_data_ptr<T>() + b * n_queries;
       problems.back().last_kept = last_kept.const_data_ptr<int64_t>() + b * n_queries;
@@ -658,19 +739,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& q_i
 // ---------------------------------------------------------------------------------------------
 // Backward
 // ---------------------------------------------------------------------------------------------
-// Per query tile: D_p = Σ_m A_pm dP_pm (pass 1), then dq (pass 2), into the tile's halo buffer.
+// Whether any key of the tile is among any of its queries' top t (ws.probs, from tile_probs):
+// with top-k most tile pairs keep none, and then pass no gradient.
 template <typename T>
-void backward_query_tile(const Problem<T>& pr, const Map<T>& grad_out, Workspace<T>& ws, int64_t tile, T* delta_out,
-                         T* dq_buffer) {
+bool tile_keeps_any(const Problem<T>& pr, const Workspace<T>& ws, const HaloRect& qr, const KeyTile& kt) {
+  if (pr.dense()) return true;
+  const int64_t n = qr.rows * qr.cols * kt.rect.rows * kt.rect.cols;
+  return std::any_of(ws.probs.begin(), ws.probs.begin() + n, [](T a) { return a != T(0); });
+}
+
+// Per query tile: D_p = Σ_m A_pm dP_pm (= ⟨dO_p, O_p⟩), which every dS_pm needs before the
+// gradients can be streamed.
+template <typename T>
+void query_tile_delta(const Problem<T>& pr, Workspace<T>& ws, int64_t tile, T* delta_out) {
   const HaloRect qr = pr.query_grid.rect(tile);
-  const int64_t np = qr.rows * qr.cols, cq = pr.q.channels;
-  ws.query = pr.query_pixel_tiles.data() + tile * kHaloPixels * cq;
+  const int64_t np = qr.rows * qr.cols;
+  ws.query = pr.query_pixel_tiles.data() + tile * kHaloPixels * pr.q.channels;
   ws.grad = pr.grad_pixel_tiles.data() + tile * kHaloPixels * pr.value_channels;
   // D_p is a long sum whose difference with dP_pm is taken next: accumulated in double.
   double delta_sum[kTilePixels] = {};
   for (const KeyTile& kt : pr.key_tiles) {
     tile_scores(pr, ws, qr, kt);
     tile_probs(pr, ws, qr, kt);
+    if (!tile_keeps_any(pr, ws, qr, kt)) continue;
     tile_grad_probs(pr, ws, qr, kt);
     const int64_t nk = kt.rect.rows * kt.rect.cols;
     for (int64_t p = 0; p < np; ++p) {
@@ -679,36 +770,20 @@ void backward_query_tile(const Problem<T>& pr, const Map<T>& grad_out, Workspace
       delta_sum[p] += sum;
     }
   }
-  T delta[kTilePixels];
-  for (int64_t p = 0; p < np; ++p) {
-    delta[p] = static_cast<T>(delta_sum[p]);
-    delta_out[(qr.y0 + p / qr.cols) * pr.q.cols + qr.x0 + p % qr.cols] = delta[p];
-  }
-
-  std::fill(dq_buffer, dq_buffer + kHaloPixels * cq, T(0));
-  for (const KeyTile& kt : pr.key_tiles) {
-    tile_scores(pr, ws, qr, kt);
-    tile_probs(pr, ws, qr, kt);
-    tile_grad_probs(pr, ws, qr, kt);
-    const int64_t nk = kt.rect.rows * kt.rect.cols;
-    // dS·scale·r_m, the gradient of ⟨Q_p, K_m⟩, spread over pixel pairs, times k.
-    for (int64_t p = 0; p < np; ++p)
-      for (int64_t m = 0; m < nk; ++m)
-        ws.scores[p * nk + m] =
-            ws.probs[p * nk + m] * (ws.grad_probs[p * nk + m] - delta[p]) * pr.scale * ws.tile_inverse_norms[m];
-    PATCH_CALL(diagonal_spread, ws.scores.data(), qr, kt.rect, ws.spread.data());
-    PATCH_CALL(product_rows, ws.spread.data(), pr.key_pixel_tile(kt), qr.halo_size(), kt.rect.halo_size(), cq, dq_buffer);
-  }
+  for (int64_t p = 0; p < np; ++p)
+    delta_out[(qr.y0 + p / qr.cols) * pr.q.cols + qr.x0 + p % qr.cols] = static_cast<T>(delta_sum[p]);
 }
 
-// Per key tile: dv, the first term of dk, and c_m = Σ_p dS_pm s_pm (for the normalisation's
-// gradient), streaming every query tile.
+// Per key tile, streaming every query tile: dv, the first term of dk, c_m = Σ_p dS_pm s_pm (for
+// the normalisation's gradient), and this key tile's share of dq, per query tile
+// (dq_shares: query tiles × kHaloPixels × Cq). dk and dq take the same spread dS.
 template <typename T>
-void backward_key_tile(const Problem<T>& pr, const Map<T>& grad_out, const T* delta, Workspace<T>& ws,
-                       const KeyTile& kt, T* dk_buffer, T* dv_buffer, T* key_dot) {
+void backward_key_tile(const Problem<T>& pr, const T* delta, Workspace<T>& ws, const KeyTile& kt, T* dk_buffer,
+                       T* dv_buffer, T* dq_shares, T* key_dot) {
   const int64_t cq = pr.q.channels, cv = pr.value_channels, nk = kt.rect.rows * kt.rect.cols;
   std::fill(dk_buffer, dk_buffer + kHaloPixels * cq, T(0));
   std::fill(dv_buffer, dv_buffer + kHaloPixels * cv, T(0));
+  std::fill(dq_shares, dq_shares + pr.query_grid.count() * kHaloPixels * cq, T(0));
   T dot[kTilePixels] = {};
   const int64_t level_cols = pr.keys[kt.level].cols;
   for (int64_t tile = 0; tile < pr.query_grid.count(); ++tile) {
@@ -718,9 +793,11 @@ void backward_key_tile(const Problem<T>& pr, const Map<T>& grad_out, const T* de
     ws.grad = pr.grad_pixel_tiles.data() + tile * kHaloPixels * cv;
     tile_scores(pr, ws, qr, kt);
     tile_probs(pr, ws, qr, kt);
+    if (!tile_keeps_any(pr, ws, qr, kt)) continue;
     tile_grad_probs(pr, ws, qr, kt);
     PATCH_CALL(diagonal_spread, ws.probs.data(), qr, kt.rect, ws.spread.data());
-    PATCH_CALL(product_cols, ws.spread.data(), ws.grad, qr.halo_size(), kt.rect.halo_size(), cv, dv_buffer);
+    product_cols(ws.spread.data(), ws.grad, qr.halo_size(), kt.rect.halo_size(), cv, dv_buffer, !pr.dense());
+    // dS·scale·r_m: the gradient of ⟨Q_p, K_m⟩.
     for (int64_t p = 0; p < np; ++p) {
       const T d = delta[(qr.y0 + p / qr.cols) * pr.q.cols + qr.x0 + p % qr.cols];
       for (int64_t m = 0; m < nk; ++m) {
@@ -730,7 +807,9 @@ void backward_key_tile(const Problem<T>& pr, const Map<T>& grad_out, const T* de
       }
     }
     PATCH_CALL(diagonal_spread, ws.grad_probs.data(), qr, kt.rect, ws.spread.data());
-    PATCH_CALL(product_cols, ws.spread.data(), ws.query, qr.halo_size(), kt.rect.halo_size(), cq, dk_buffer);
+    product_cols(ws.spread.data(), ws.query, qr.halo_size(), kt.rect.halo_size(), cq, dk_buffer, !pr.dense());
+    product_rows(ws.spread.data(), pr.key_pixel_tile(kt), qr.halo_size(), kt.rect.halo_size(), cq,
+                 dq_shares + tile * kHaloPixels * cq, !pr.dense());
   }
   for (int64_t m = 0; m < nk; ++m) key_dot[kt.key(m / kt.rect.cols, m % kt.rect.cols, level_cols)] = dot[m];
 }
@@ -773,31 +852,48 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> backward_cpu(
     }
     const int64_t n_keys = problems[0].n_keys;
     const Grid grid{q.size(2), q.size(3)};
-    std::vector<T> delta(batch * n_queries), dq_buffers(batch * grid.count() * kHaloPixels * cq);
-    at::parallel_for(0, batch * grid.count(), 1, [&](int64_t begin, int64_t end) {
+    const int64_t n_query_tiles = grid.count(), query_tile_size = kHaloPixels * cq;
+    std::vector<T> delta(batch * n_queries);
+    at::parallel_for(0, batch * n_query_tiles, 1, [&](int64_t begin, int64_t end) {
       Workspace<T> ws(cq, cv);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / grid.count(), tile = task % grid.count();
-        backward_query_tile(problems[b], grad_maps[b], ws, tile, delta.data() + b * n_queries,
-                            dq_buffers.data() + task * kHaloPixels * cq);
-      }
+      for (int64_t task = begin; task < end; ++task)
+        query_tile_delta(problems[task / n_query_tiles], ws, task % n_query_tiles,
+                         delta.data() + (task / n_query_tiles) * n_queries);
     });
-    for (int64_t b = 0; b < batch; ++b)
-      fold_tiles(grid, dq_buffers.data() + b * grid.count() * kHaloPixels * cq, cq,
-                 grad_q.mutable_data_ptr<T>() + b * cq * n_queries);
 
-    const int64_t n_key_tiles = problems[0].key_tiles.size();
-    std::vector<T> dk_buffers(batch * n_key_tiles * kHaloPixels * cq), dv_buffers(batch * n_key_tiles * kHaloPixels * cv);
-    std::vector<T> key_dot(batch * n_keys);
-    at::parallel_for(0, batch * n_key_tiles, 1, [&](int64_t begin, int64_t end) {
-      Workspace<T> ws(cq, cv);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / n_key_tiles, tile = task % n_key_tiles;
-        backward_key_tile(problems[b], grad_maps[b], delta.data() + b * n_queries, ws, problems[b].key_tiles[tile],
-                          dk_buffers.data() + task * kHaloPixels * cq, dv_buffers.data() + task * kHaloPixels * cv,
-                          key_dot.data() + b * n_keys);
-      }
-    });
+    // The key tiles in groups, a few per thread and their dq shares within kShareBudget: each
+    // group's tiles run in parallel, then their shares are added to dq. The shares are added in
+    // key-tile order whatever the group size, so the sums are the same for every number of threads.
+    const int64_t n_key_tiles = problems[0].key_tiles.size(), n_tasks = batch * n_key_tiles;
+    const int64_t share_size = n_query_tiles * query_tile_size;
+    const int64_t group = std::clamp<int64_t>(
+        std::min<int64_t>(kShareBudget / int64_t(sizeof(T) * share_size), 4 * at::get_num_threads()), 1, n_tasks);
+    std::vector<T> dk_buffers(n_tasks * kHaloPixels * cq), dv_buffers(n_tasks * kHaloPixels * cv);
+    std::vector<T> dq_buffers(batch * share_size, T(0)), dq_shares(group * share_size), key_dot(batch * n_keys);
+    for (int64_t first = 0; first < n_tasks; first += group) {
+      const int64_t last = std::min(first + group, n_tasks);
+      at::parallel_for(first, last, 1, [&](int64_t begin, int64_t end) {
+        Workspace<T> ws(cq, cv);
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t b = task / n_key_tiles;
+          backward_key_tile(problems[b], delta.data() + b * n_queries, ws, problems[b].key_tiles[task % n_key_tiles],
+                            dk_buffers.data() + task * kHaloPixels * cq, dv_buffers.data() + task * kHaloPixels * cv,
+                            dq_shares.data() + (task - first) * share_size, key_dot.data() + b * n_keys);
+        }
+      });
+      at::parallel_for(0, batch * n_query_tiles, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t target = begin; target < end; ++target) {
+          const int64_t b = target / n_query_tiles, tile = target % n_query_tiles;
+          T* dq = dq_buffers.data() + b * share_size + tile * query_tile_size;
+          for (int64_t task = std::max(first, b * n_key_tiles); task < std::min(last, (b + 1) * n_key_tiles); ++task) {
+            const T* share = dq_shares.data() + (task - first) * share_size + tile * query_tile_size;
+            for (int64_t i = 0; i < query_tile_size; ++i) dq[i] += share[i];
+          }
+        }
+      });
+    }
+    for (int64_t b = 0; b < batch; ++b)
+      fold_tiles(grid, dq_buffers.data() + b * share_size, cq, grad_q.mutable_data_ptr<T>() + b * cq * n_queries);
     // Fold each level's tiles, then the normalisation's gradient: dK_m −= r_m² c_m K_m (when not
     // clamped), i.e. dk[:, y] −= k[:, y] · Σ_δ w[y−δ] with w_m = r_m² c_m.
     for (int64_t b = 0; b < batch; ++b) {
