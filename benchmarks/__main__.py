@@ -1,5 +1,6 @@
 """``python -m benchmarks``: run the benchmark suite and report (``make bench`` runs this)."""
 import argparse
+import os
 import sys
 
 import torch
@@ -19,6 +20,10 @@ def parse_args(argv):
                        help="only the shapes the issues' targets are stated at (the models' are slow on CPU)")
     parser.add_argument("--only", choices=suite.GROUPS, action="append",
                         help="run only this group (repeatable)")
+    parser.add_argument("--case", metavar="TEXT", help="run only the cases whose name and shape contain TEXT "
+                        "(e.g. 'Restormer inference')")
+    parser.add_argument("--threads", type=int, help="torch threads here and in the memory subprocesses "
+                        "(default: torch's); the table's title states the count")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
     parser.add_argument("--repeat", type=int, default=5, help="timed samples per measurement (default 5)")
     parser.add_argument("--budget-s", type=float, default=5.0,
@@ -37,6 +42,11 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads: expected a positive count, got {args.threads}")
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the memory subprocesses inherit it
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False  # the references are exact fp32
@@ -48,7 +58,7 @@ def main(argv=None):
         opts.bandwidth_gbps = timing.copy_bandwidth_gbps(device)
     kwargs = {} if args.results_dir is None else {"results_dir": args.results_dir}
     suite.run(args.only or list(suite.GROUPS), opts, sweep=args.sweep, write=not args.no_write, wide=args.wide,
-              **kwargs)
+              match=args.case, **kwargs)
 
 
 if __name__ == "__main__":

@@ -23,20 +23,29 @@ def make_case(group, spec):
 SWEEPS = ("quick", "targets", "full")
 
 
-def cases(groups, sweep):
+def cases(groups, sweep, match=None):
     """The cases of ``groups`` in a sweep: "quick" (the default run, minutes), "targets" (just
-    the shapes the issues' targets are stated at) or "full" (everything)."""
+    the shapes the issues' targets are stated at) or "full" (everything); with ``match``, only
+    those whose "name shape" contains it (case-insensitive)."""
     if sweep not in SWEEPS:
         raise ValueError(f"sweep: expected one of {SWEEPS}, got {sweep!r}")
-    return [make_case(group, spec) for group in groups for spec in group_module(group).default_specs(sweep)]
+    found = [make_case(group, spec) for group in groups for spec in group_module(group).default_specs(sweep)]
+    if match is None:
+        return found
+    found = [c for c in found if match.lower() in f"{c.name} {c.shape}".lower()]
+    if not found:
+        raise ValueError(f"case: no case of {list(groups)} in the {sweep} sweep matches {match!r}")
+    return found
 
 
-def run(groups, opts, sweep="quick", results_dir=report.RESULTS_DIR, write=True, stream=sys.stdout, wide=False):
-    """Measure every case of ``groups``, print the summary (``wide``: the whole table) and the
-    Targets, append the CSV rows and draw the plots. Returns the rows."""
+def run(groups, opts, sweep="quick", results_dir=report.RESULTS_DIR, write=True, stream=sys.stdout, wide=False,
+        match=None):
+    """Measure every case of ``groups`` (those matching ``match``: see :func:`cases`), print the
+    summary (``wide``: the whole table) and the Targets, append the CSV rows and draw the plots.
+    Returns the rows."""
     started = time.perf_counter()
     rows = []
-    for case in cases(groups, sweep):
+    for case in cases(groups, sweep, match):
         case_started = time.perf_counter()
         rows += case_module.measure(case, opts)
         print(f"  {case.group}: {case.name} {case.shape} ({time.perf_counter() - case_started:.0f} s)",

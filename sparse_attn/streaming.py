@@ -25,7 +25,6 @@ gates DRSformer's MEFC experts). So the whole image runs exactly in row bands:
 The result equals ``net(x)`` up to floating-point summation order.
 """
 import contextlib
-import contextvars
 import math
 import numbers
 import sys
@@ -36,73 +35,15 @@ from torch import nn
 
 from .nn import FrequencyGatedFFN, GatedDconvFFN, MixedScaleFFN
 from .nn.attention import ChannelAttentionBase
+from .nn.bands import PROGRESS, attended_rows, attention_matrix_of, banded_inference, fill_from, row_bands, \
+    update_in_place, with_halo
 from .nn.input_checks import check_feature_map
-from .reference import attention_matrix, scores_from_gram
 
 DEFAULT_BAND_ROWS = 64
 
 
 class MemoryBudgetError(ValueError):
     """``max_memory`` is too small for even the narrowest bands; the message gives the figures."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Bands and local walks
-# ---------------------------------------------------------------------------------------------
-class _NoProgress:
-    def update(self, n=1):
-        pass
-
-
-_PROGRESS = contextvars.ContextVar("streaming progress", default=_NoProgress())
-
-
-def _bands(height, rows):
-    """(start, stop) of the row bands of a map ``height`` rows high; each band the caller is
-    done with counts one step on the run's progress bar."""
-    progress = _PROGRESS.get()
-    for start in range(0, height, rows):
-        yield start, min(start + rows, height)
-        progress.update(1)
-
-
-def _with_halo(height, start, stop, halo):
-    return max(start - halo, 0), min(stop + halo, height)
-
-
-def update_in_place(x, fn, halo, rows):
-    """Replace every row band of ``x`` (B, C, H, W) by ``fn`` of it, in place.
-
-    ``fn(part, first, last)`` gets x's rows [lo, hi) — the band [start, stop) with ``halo`` rows
-    either side, clipped to the map — and returns the new rows [start, stop), which are
-    ``part``'s rows [first, last). It must be local: its rows depend on the input rows within
-    ``halo`` of them, with the map's edges treated as its convolutions treat them (the clipped
-    slice's edges are the map's). Each band is written once the next one has been computed, so
-    every band reads old rows only; this needs ``rows >= halo``.
-    """
-    if rows < halo:
-        raise ValueError(f"band rows: {rows} is less than the halo of {halo} rows this walk needs")
-    height = x.shape[-2]
-    pending = None
-    for start, stop in _bands(height, rows):
-        lo, hi = _with_halo(height, start, stop, halo)
-        new = fn(x[..., lo:hi, :], start - lo, stop - lo)
-        if pending is not None:
-            x[..., pending[0]:pending[1], :] = pending[2]
-        pending = (start, stop, new)
-    x[..., pending[0]:pending[1], :] = pending[2]
-
-
-def fill_from(out, src, fn, rows, scale=1, halo=1):
-    """Write ``out`` (another map than ``src``) band by band: out's rows [start, stop) are
-    ``fn(part, first, last)``, where ``part`` holds src's rows from ``start·scale`` to
-    ``stop·scale`` (rounded outwards) with ``halo`` rows either side and fn returns part's rows
-    [first, last) mapped to out (``scale`` = 2 for a 2× downsampling, 1/2 for an upsampling:
-    then ``fn`` returns 2·(hi - lo) rows and [first, last) index those)."""
-    height = src.shape[-2]
-    for start, stop in _bands(out.shape[-2], rows):
-        lo, hi = _with_halo(height, math.floor(start * scale), math.ceil(stop * scale), halo)
-        out[..., start:stop, :] = fn(src[..., lo:hi, :], start - round(lo / scale), stop - round(lo / scale))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,52 +89,15 @@ def ffn_halo(ffn):
 # ---------------------------------------------------------------------------------------------
 # Transformer blocks
 # ---------------------------------------------------------------------------------------------
-def _accumulation_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _projection(attn, part, norm, channels, first, last):
-    """Rows [first, last) of the channels ``channels`` (a slice of the 3C) of qkv_dwconv(qkv(norm(part)))."""
-    bias = attn.qkv.bias[channels] if attn.qkv.bias is not None else None
-    dw_bias = attn.qkv_dwconv.bias[channels] if attn.qkv_dwconv.bias is not None else None
-    y = F.conv2d(norm(part), attn.qkv.weight[channels], bias)
-    y = F.conv2d(y, attn.qkv_dwconv.weight[channels], dw_bias, padding=1, groups=y.shape[1])
-    return y[..., first:last, :]
-
-
-def attention_matrix_of(attn, norm, x, rows):
-    """Pass 1 and the d×d stage: P (B, heads, d, d) of ``attn`` on the whole map ``x``, from the
-    Gram matrix and squared norms of q and k summed band by band."""
-    b, c, height, _ = x.shape
-    heads, d = attn.num_heads, c // attn.num_heads
-    acc = _accumulation_dtype(x.dtype)
-    gram = x.new_zeros((b, heads, d, d), dtype=acc)
-    q_square, k_square = x.new_zeros((b, heads, d), dtype=acc), x.new_zeros((b, heads, d), dtype=acc)
-    for start, stop in _bands(height, rows):
-        lo, hi = _with_halo(height, start, stop, 1)
-        qk = _projection(attn, x[..., lo:hi, :], norm, slice(0, 2 * c), start - lo, stop - lo)
-        q, k = qk.reshape(b, 2, heads, d, -1).to(acc).unbind(1)
-        gram += q @ k.transpose(-2, -1)
-        q_square += q.square().sum(-1)
-        k_square += k.square().sum(-1)
-    weights, topk, activation = attn.branches(d)
-    scores = scores_from_gram(gram, q_square, k_square, attn.temperature.to(acc))
-    return attention_matrix(scores, weights.to(acc), topk, activation)
-
-
 def attention_in_place(attn, norm, x, rows):
     """x ← x + attn(norm(x)) on the whole map, in two walks over the bands."""
     if not isinstance(attn, ChannelAttentionBase) or type(attn).attend is not ChannelAttentionBase.attend:
         raise TypeError(f"streaming: no band rule for the attention {type(attn).__name__} (streaming runs "
                         f"channel attentions defined by their branches)")
-    b, c, _, width = x.shape
-    heads, d = attn.num_heads, c // attn.num_heads
-    p = attention_matrix_of(attn, norm, x, rows)
+    p = attention_matrix_of(attn, x, rows, norm)
 
     def attend(part, first, last):
-        v = _projection(attn, part, norm, slice(2 * c, 3 * c), first, last)
-        out = (p @ v.reshape(b, heads, d, -1).to(p.dtype)).to(x.dtype).reshape(b, c, last - first, width)
-        return part[..., first:last, :] + attn.project_out(out)
+        return part[..., first:last, :] + attended_rows(attn, p, part, first, last, norm)
 
     update_in_place(x, attend, 1, rows)
 
@@ -383,7 +287,7 @@ def _progress_bar(progress, total, description):
     """A tqdm bar of ``total`` bands: shown when ``progress`` is True; when it is None, shown on
     a terminal only, and only once the run has taken two seconds; never when False."""
     if progress is False:
-        return contextlib.nullcontext(_NoProgress())
+        return contextlib.nullcontext(PROGRESS.get())
     from tqdm import tqdm
 
     auto = progress is None
@@ -430,12 +334,13 @@ def forward_streaming(net, x, band_rows=None, max_memory=None, progress=None):
     image = pad_to_multiple(x)
     total = band_steps(net, image.shape[-2], rows)
     description = f"{type(net).__name__} {width}x{height} streaming"
-    with torch.no_grad(), _progress_bar(progress, total, description) as bar:
-        token = _PROGRESS.set(bar)
+    # The blocks' own banded inference is off: streaming's walks are bands already.
+    with torch.no_grad(), banded_inference(False), _progress_bar(progress, total, description) as bar:
+        token = PROGRESS.set(bar)
         try:
             return _unet(net, image, rows)[..., :height, :width]
         finally:
-            _PROGRESS.reset(token)
+            PROGRESS.reset(token)
 
 
 def _unet(net, image, rows):
@@ -481,13 +386,13 @@ def _unet(net, image, rows):
 
     out = image.new_empty((b, net.out_channels, height, width))
     if net.skip_conv is None:
-        for start, stop in _bands(height, rows):
-            lo, hi = _with_halo(height, start, stop, 1)
+        for start, stop in row_bands(height, rows):
+            lo, hi = with_halo(height, start, stop, 1)
             out[..., start:stop, :] = (net.output(level1[..., lo:hi, :])[..., start - lo:stop - lo, :]
                                        + image[..., start:stop, :])
     else:  # Restormer's dual-pixel form: the embedding is recomputed from the image, not kept
-        for start, stop in _bands(height, rows):
-            lo, hi = _with_halo(height, start, stop, 2)
+        for start, stop in row_bands(height, rows):
+            lo, hi = with_halo(height, start, stop, 2)
             merged = level1[..., lo:hi, :] + net.skip_conv(net.patch_embed(image[..., lo:hi, :]))
             out[..., start:stop, :] = net.output(merged)[..., start - lo:stop - lo, :]
     return out
@@ -517,7 +422,7 @@ def _merge_in_place(skip, lower, up, reduce, rows):
     """skip ← reduce(cat(up(lower), skip)) band by band: the decoder's merge of a level, written
     over the encoder's map of that level (the 1x1 reads a band's own rows only)."""
     height = lower.shape[-2]
-    for start, stop in _bands(skip.shape[-2], rows):
-        lo, hi = _with_halo(height, start // 2, (stop + 1) // 2, 1)
+    for start, stop in row_bands(skip.shape[-2], rows):
+        lo, hi = with_halo(height, start // 2, (stop + 1) // 2, 1)
         upsampled = up(lower[..., lo:hi, :])[..., start - 2 * lo:stop - 2 * lo, :]
         skip[..., start:stop, :] = reduce(torch.cat([upsampled, skip[..., start:stop, :]], 1))

@@ -3,6 +3,7 @@
 import csv
 import json
 
+import pytest
 import torch
 
 from benchmarks import attention, memory, memory_child, report, suite
@@ -190,6 +191,14 @@ def test_every_sweep_builds_its_cases_and_covers_the_targets():
     assert ("DSGformer train step", "B1 3x128x128") in shapes
     assert ("DRSformer full image", "B1 3x1024x1024") in shapes
     assert ("block-sparse region attention", "B1 heads1 d16 128x128 t=R/4") in shapes
+
+
+def test_case_filter_picks_by_name_and_shape():
+    picked = suite.cases(["models"], "targets", match="restormer INFERENCE")
+    assert [(c.name, c.shape) for c in picked] == [("Restormer inference", "B1 3x512x512")]
+    assert picked[0].time_forward and picked[0].peak_mode == "inference"  # time and peak, as the target needs
+    with pytest.raises(ValueError, match="no case .* matches 'no such case'"):
+        suite.cases(["models"], "targets", match="no such case")
 
 
 def test_streaming_benchmark_skips_a_forward_that_cannot_fit(monkeypatch):

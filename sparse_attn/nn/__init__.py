@@ -1,4 +1,5 @@
 """Drop-in nn.Modules with the parameter names of the official networks."""
+from .bands import banded_inference
 from .attention import ChannelAttention, ChannelAttentionBase, TopKChannelAttention, drsformer_topk
 from .deep_sparse_attention import DeepSparseAttention
 from .mixed_scale_ffn import MixedScaleFFN
@@ -13,4 +14,4 @@ from .region_selection_attention import RegionSelectionAttention
 __all__ = ["ChannelAttentionBase", "TopKChannelAttention", "ChannelAttention", "drsformer_topk", "MixedScaleFFN",
            "GatedDconvFFN", "LayerNorm2d", "DeepSparseAttention", "FrequencyGatedFFN",
            "MultiInputAttention", "MultiInputTransformerBlock", "PReLUGatedFFN", "PyramidAttention",
-           "RegionSelectionAttention"]
+           "RegionSelectionAttention", "banded_inference"]

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..ops.sparse_channel_attention import sparse_channel_attention
+from .bands import attended_rows, attention_matrix_of, inference_band_rows, map_rows
 from .input_checks import autocast_parameters, check_feature_map
 
 
@@ -57,9 +58,16 @@ class ChannelAttentionBase(nn.Module):
         return sparse_channel_attention(q, k, v, temperature, weights, topk, activation, backend=self.backend)
 
     def forward(self, x):
-        """(B, dim, H, W) -> (B, dim, H, W)."""
+        """(B, dim, H, W) -> (B, dim, H, W). Without gradients, on large maps, an attention defined
+        by :meth:`branches` runs in row bands (see :func:`sparse_attn.nn.bands.banded_inference`):
+        pass 1 sums the Gram matrix and norms of q and k band by band, pass 2 recomputes v per
+        band, so q, k, v never exist for the whole map."""
         check_feature_map(self, x, self.dim)
         b, c, h, w = x.shape
+        rows = inference_band_rows(x, self.backend) if type(self).attend is ChannelAttentionBase.attend else None
+        if rows is not None and b > 0:
+            p = attention_matrix_of(self, x, rows)
+            return map_rows(x, lambda part, first, last: attended_rows(self, p, part, first, last), 1, rows)
         q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
         shape = (b, self.num_heads, c // self.num_heads, h * w)
         # The ops take no empty tensor; the attention of an empty batch is that empty batch.

@@ -3,6 +3,7 @@ from torch import nn
 
 from ..backends import requested
 from ..ops import gated_dwconv
+from .bands import inference_band_rows, map_rows
 from .input_checks import autocast_parameters, check_feature_map
 from .recompute import saved_as_recipe
 
@@ -46,10 +47,25 @@ class GatedDconvFFN(nn.Module):
         return None
 
     def forward(self, x):
-        """(B, dim, H, W) -> (B, dim, H, W)."""
+        """(B, dim, H, W) -> (B, dim, H, W). Without gradients, on large maps, it runs in row bands
+        with a one-row halo for the depthwise convolution (see
+        :func:`sparse_attn.nn.bands.banded_inference`), so the 2h hidden channels never exist
+        for the whole map; the arithmetic per pixel is the same."""
         check_feature_map(self, x, self.dim)
-        hidden = self.project_in(x)
         if x.shape[0] == 0:  # the op takes no empty tensor; an empty batch has h channels here
-            return self.project_out(hidden[:, :self.hidden_features])
+            return self.project_out(self.project_in(x)[:, :self.hidden_features])
+        halo = self.dwconv.kernel_size[0] // 2
+        rows = inference_band_rows(x, self.backend, halo)
+        if rows is None:
+            return self._rows(x, 0, x.shape[-2])
+        return map_rows(x, self._rows, halo, rows)
+
+    def _rows(self, x, first, last):
+        """Rows [first, last) of the output, computed from the rows of ``x`` (which hold every row
+        the depthwise convolution reads for them; the slice's edges are taken as the map's)."""
+        hidden = self.project_in(x)
         weight, bias, gate_weight = autocast_parameters(hidden, self.dwconv.weight, self.dwconv.bias, self.gate_weight())
-        return gate_and_project(hidden, weight, bias, self.activation, gate_weight, self.backend, self.project_out)
+        project_out = self.project_out
+        if (first, last) != (0, x.shape[-2]):
+            project_out = lambda gated: self.project_out(gated[..., first:last, :])  # noqa: E731
+        return gate_and_project(hidden, weight, bias, self.activation, gate_weight, self.backend, project_out)
