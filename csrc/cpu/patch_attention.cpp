@@ -125,6 +125,7 @@ inline void store8(float* p, float8 v) { std::memcpy(p, &v, sizeof(v)); }
 
 // The tile products: blocks of kBlockRows × kBlockCols outputs.
 constexpr int64_t kBlockRows = 6, kBlockCols = 16;
+static_assert(kTileCols == 16, "diagonal_sums keeps a full key tile's row in two float8 registers");
 // Every buffer a tile product reads as b ends in this many spare floats (zeros), for the loads of
 // its ragged right-edge blocks.
 constexpr int64_t kProductSlack = kBlockCols;
@@ -287,7 +288,7 @@ constexpr int64_t kShareBudget = int64_t(64) << 20;
       const int64_t py = p / qr.cols, px = p % qr.cols;                                                              \
       T* __restrict row = s + p * nk;                                                                                \
       if constexpr (std::is_same_v<T, float>) {                                                                      \
-        if (kr.cols == 16) {                                                                                         \
+        if (kr.cols == kTileCols) {                                                                                  \
           for (int64_t my = 0; my < kr.rows; ++my) {                                                                 \
             float8 lo = splat8##SUFFIX(0.0f), hi = splat8##SUFFIX(0.0f);                                             \
             for (int64_t dy = -1; dy <= 1; ++dy)                                                                     \
@@ -296,8 +297,8 @@ constexpr int64_t kShareBudget = int64_t(64) << 20;
                 lo += load8(src);                                                                                    \
                 hi += load8(src + 8);                                                                                \
               }                                                                                                      \
-            store8(row + my * 16, lo);                                                                               \
-            store8(row + my * 16 + 8, hi);                                                                           \
+            store8(row + my * kTileCols, lo);                                                                        \
+            store8(row + my * kTileCols + 8, hi);                                                                    \
           }                                                                                                          \
           continue;                                                                                                  \
         }                                                                                                            \
