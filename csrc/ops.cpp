@@ -58,6 +58,15 @@ TORCH_LIBRARY(sparse_attn, m) {
       "Tensor? activation_weight) "
       "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_activation_weight)");
 
+  // Depthwise convolution with zero "same" padding and stride 1 (DESIGN.md §5): the 3x3 on q, k, v
+  // of the channel attentions, MEFC's depthwise experts. x: (B, C, H, W); weight: (C, 1, K, K), K one
+  // of 1, 3, 5, 7; bias: (C,) or None; dilation >= 1, padding dilation·(K - 1)/2. The backward
+  // returns the gradients of x, weight and bias (the bias gradient always).
+  m.def("depthwise_conv2d_forward(Tensor x, Tensor weight, Tensor? bias, int dilation) -> Tensor");
+  m.def(
+      "depthwise_conv2d_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, int dilation) "
+      "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+
   // Patch attention, PANet's pyramid attention core (DESIGN.md §3). q: (B, Cq, H, W); keys[l]:
   // (B, Cq, H_l, W_l), values[l]: (B, Cv, H_l, W_l); topk: 0 (every key) or 1..M. Besides `out`
   // (B, Cv, H, W) it returns what backward needs, in the accumulation dtype: the key inverse norms

@@ -1,5 +1,6 @@
 """One file per op: contract, backend dispatch, autograd and torch.library registration."""
 from .block_sparse_attention import block_sparse_attention
+from .depthwise_conv2d import depthwise_conv2d
 from .gated_dwconv import gated_dwconv
 from .layer_norm2d import layer_norm2d
 from .mixed_scale_dwconv import mixed_scale_dwconv
@@ -7,4 +8,4 @@ from .patch_attention import patch_attention
 from .sparse_channel_attention import sparse_channel_attention
 
 __all__ = ["sparse_channel_attention", "mixed_scale_dwconv", "layer_norm2d", "gated_dwconv", "block_sparse_attention",
-           "patch_attention"]
+           "patch_attention", "depthwise_conv2d"]
