@@ -1,15 +1,17 @@
-"""Inputs and comparisons shared by the tests of the per-block ops layer_norm2d and gated_dwconv
-(DESIGN.md §5) on every backend: the backend in some dtype against the float64 reference, by the
+"""Inputs and comparisons shared by the tests of the per-block ops layer_norm2d, gated_dwconv and
+depthwise_conv2d (DESIGN.md §5) on every backend: the backend in some dtype against the float64 reference, by the
 rule of tests/helpers.py."""
 import torch
 
 import sparse_attn
 from helpers import assert_matches_float64_reference
+from sparse_attn.reference import depthwise_conv2d as reference_depthwise_conv2d
 from sparse_attn.reference import gated_dwconv as reference_gated_dwconv
 from sparse_attn.reference import layer_norm2d as reference_layer_norm2d
 
 LAYER_NORM_NAMES = ("x", "weight", "bias")
 GATED_NAMES = ("x", "weight", "bias", "activation_weight")
+DEPTHWISE_NAMES = ("x", "weight", "bias")
 
 # (B, C, H, W). The CPU kernels walk blocks of 64 pixels in tasks of 2048, the CUDA and Triton
 # ones blocks of 128: one pixel, fewer pixels than a block, several ragged blocks and tasks, an
@@ -20,6 +22,12 @@ LAYER_NORM_SHAPES = [(2, 5, 3, 7), (1, 48, 9, 13), (1, 3, 1, 1), (2, 384, 4, 5),
 # ragged edges, images thinner than the 3x3 kernel, an odd h and Restormer's level-1 width
 # 2h = 2·int(48·2.66) = 254.
 GATED_SHAPES = [(2, 6, 5, 9), (1, 254, 9, 7), (2, 6, 1, 7), (1, 6, 7, 1), (1, 2, 1, 1), (2, 6, 37, 133)]
+
+# (B, C, H, W, K, dilation). The CPU kernels compute blocks of 16 columns and bands of about 4096
+# pixels: images narrower than a block and than the window's reach (K = 7, dilation 2 reaches 6
+# pixels), ragged blocks and several bands; every kernel size, dilations 1 to 3.
+DEPTHWISE_CASES = [(2, 3, 5, 9, 3, 1), (1, 4, 7, 37, 7, 2), (2, 5, 1, 1, 5, 1), (1, 3, 9, 4, 7, 1),
+                   (2, 6, 13, 19, 1, 1), (1, 2, 70, 133, 3, 2), (1, 3, 11, 40, 5, 3), (1, 48, 12, 16, 3, 1)]
 
 
 def _generator(shape):
@@ -81,3 +89,27 @@ def assert_gated_close(backend, shape, dtype, bias, activation, device="cpu"):
     grad64 = torch.randn(out_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).to(device)
     assert_matches_float64_reference(gated_fn(backend, activation), _reference_gated(activation), inputs64, dtype,
                                      ("out",) + GATED_NAMES, grad64, _FLOOR_ULPS)
+
+
+def depthwise_inputs(shape, kernel, dtype, bias=True, device="cpu"):
+    """x, weight (C, 1, K, K) and bias (or None)."""
+    g = _generator(tuple(shape) + (kernel,))
+    channels = shape[1]
+
+    def rand(*s, scale=1.0):
+        return (torch.randn(*s, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+    return [rand(*shape), rand(channels, 1, kernel, kernel, scale=1.0 / kernel), rand(channels, scale=0.2) if bias else None]
+
+
+def depthwise_fn(backend, dilation):
+    return lambda x, w, b: sparse_attn.depthwise_conv2d(x, w, b, dilation, backend=backend)
+
+
+def assert_depthwise_close(backend, case, dtype, bias, device="cpu"):
+    *shape, kernel, dilation = case
+    inputs64 = depthwise_inputs(shape, kernel, torch.float64, bias, device)
+    grad64 = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).to(device)
+    reference = lambda x, w, b: reference_depthwise_conv2d(x, w, b, dilation)  # noqa: E731
+    assert_matches_float64_reference(depthwise_fn(backend, dilation), reference, inputs64, dtype,
+                                     ("out",) + DEPTHWISE_NAMES, grad64, _FLOOR_ULPS)
