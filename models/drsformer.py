@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from sparse_attn import backends
+from sparse_attn import backends, depthwise_conv2d
 from sparse_attn.nn import MixedScaleFFN, TopKChannelAttention
+from sparse_attn.nn.depthwise import depthwise, runs_on_the_op
 from sparse_attn.nn.input_checks import check_feature_map
 
 from .common import RestorationUNet, TransformerBlock
@@ -84,11 +85,12 @@ class OperationLayer(nn.Module):
         self._ops = nn.ModuleList(_expert_operations(channels))
         self._out = nn.Sequential(nn.Conv2d(channels * NUM_EXPERTS, channels, 1, bias=False), nn.ReLU())
 
-    def forward(self, x, weights, lean=False):
+    def forward(self, x, weights, lean=False, backend="auto"):
         """weights: (B, NUM_EXPERTS). lean: sum the experts' shares of the 1x1 instead of
         concatenating their outputs (the same sum, in another order), so that one expert's
         output is alive at a time rather than all eight and their concatenation; an expert's own
-        closing 1x1 is folded into its share."""
+        closing 1x1 is folded into its share, and its depthwise convolutions (and the average
+        pool, a depthwise sum) run on :func:`sparse_attn.depthwise_conv2d` on ``backend``."""
         scales = [weights[:, i].reshape(-1, 1, 1, 1) for i in range(len(self._ops))]
         if not lean:
             return self._out(torch.cat([op(x) * s for op, s in zip(self._ops, scales)], dim=1))
@@ -102,12 +104,33 @@ class OperationLayer(nn.Module):
                 body, last = op.op[:-1], op.op[-1]
                 share = (share.reshape(channels, channels) @ last.weight.reshape(channels, channels)
                          ).reshape(channels, channels, 1, 1)
-                expert = body(x)
+                expert = x
+                for layer in body:
+                    expert = depthwise(layer, expert, backend) if runs_on_the_op(layer) else layer(expert)
             else:
-                expert = op(x)
+                expert = _average_pool(op, x, backend)
             term = F.conv2d(expert * scale, share)
             out = term if out is None else out.add_(term)  # no autograd node needs a term back
         return self._out[1](out)
+
+
+def _average_pool(pool, x, backend):
+    """The 3x3 average pool expert (stride 1, padding 1, ``count_include_pad=False``) as a
+    depthwise sum of ones times 1 / (the pixels of each window inside the map): the same values up
+    to rounding (a product by the reciprocal where the pool divides)."""
+    if x.numel() == 0 or (pool.kernel_size, pool.stride, pool.padding, pool.count_include_pad) != (3, 1, 1, False):
+        return pool(x)
+    h, w = x.shape[-2:]
+    counts = _inside(h, x)[:, None] * _inside(w, x)[None, :]
+    return depthwise_conv2d(x, x.new_ones(x.shape[1], 1, 3, 3), None, 1, backend=backend) * counts.reciprocal()
+
+
+def _inside(n, like):
+    """For each of n positions, how many of the 3 taps of a window centred there lie in [0, n)."""
+    counts = like.new_full((n,), 3.0)
+    counts[0] -= 1
+    counts[-1] -= 1  # n = 1: the one position loses both neighbours
+    return counts
 
 
 class GroupOLs(nn.Module):
@@ -119,11 +142,11 @@ class GroupOLs(nn.Module):
         self._steps = steps
         self._ops = nn.ModuleList(OperationLayer(channels) for _ in range(steps))
 
-    def forward(self, x, weights, lean=False):
-        """weights: (B, steps, NUM_EXPERTS); lean: see OperationLayer."""
+    def forward(self, x, weights, lean=False, backend="auto"):
+        """weights: (B, steps, NUM_EXPERTS); lean, backend: see OperationLayer."""
         x = self.preprocess(x)
         for i, layer in enumerate(self._ops):
-            x = F.relu(layer(x, weights[:, i, :], lean) + x)
+            x = F.relu(layer(x, weights[:, i, :], lean, backend) + x)
         return x
 
 
@@ -187,7 +210,7 @@ class MEFC(nn.Module):
     def _compensate(self, x, lean):
         for i in range(0, len(self.layers), 2):
             weights = F.softmax(self.layers[i](x), dim=-1)
-            x = self.layers[i + 1](x, weights, lean)
+            x = self.layers[i + 1](x, weights, lean, self.backend)
         return x
 
 

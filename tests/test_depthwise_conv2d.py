@@ -15,6 +15,7 @@ from sparse_attn import backends
 NATIVE_CPU = backends.why_unavailable("native", "cpu")
 requires_native = pytest.mark.skipif(NATIVE_CPU is not None, reason=f"native backend: {NATIVE_CPU}")
 _case_id = lambda c: "B{}C{}_{}x{}_k{}d{}".format(*c)  # noqa: E731
+_shape_id = lambda s: "x".join(map(str, s))  # noqa: E731
 
 
 @requires_native
@@ -56,9 +57,11 @@ def test_gradcheck(backend, kernel, dilation):
 
 @requires_native
 @pytest.mark.parametrize("bias", [True, False])
-def test_opcheck(bias):
+@pytest.mark.parametrize("shape", [(2, 4, 5, 7), (1, 1, 5, 6)], ids=_shape_id)
+def test_opcheck(shape, bias):
+    # one channel: the weight's and bias's gradients must not be views of one buffer
     x, weight, b = [t.requires_grad_() if t is not None else None
-                    for t in depthwise_inputs((2, 4, 5, 7), 3, torch.float64, bias)]
+                    for t in depthwise_inputs(shape, 3, torch.float64, bias)]
     ops = torch.ops.sparse_attn
     torch.library.opcheck(ops.depthwise_conv2d_forward.default, (x, weight, b, 2))
     x, weight, b = [t.detach() if t is not None else None for t in (x, weight, b)]

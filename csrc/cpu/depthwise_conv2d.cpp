@@ -272,7 +272,9 @@ BackwardResult backward_cpu(const Tensor& grad_out_in, const Tensor& x_in, const
       for (int64_t k = 0; k < g.partial_row(); ++k) sp[k] += pp[row * g.partial_row() + k];
   }
   const Tensor sums = summed.to(x.scalar_type()).reshape({channels, taps + 1});
-  return {grad_x, sums.narrow(1, 0, taps).reshape_as(o.weight).contiguous(), sums.select(1, taps).contiguous()};
+  // Copies, not views: two views of `sums` would alias (and with one channel both are contiguous views).
+  return {grad_x, sums.narrow(1, 0, taps).reshape_as(o.weight).clone(at::MemoryFormat::Contiguous),
+          sums.select(1, taps).clone(at::MemoryFormat::Contiguous)};
 }
 
 }  // namespace

@@ -45,7 +45,7 @@ constexpr int64_t kTileW = 128;
 constexpr int64_t kHalo = 2;  // the backward's dz on the tile widened by 1, from x widened by 2
 constexpr int64_t kLd = kTileW + 2 * kHalo;
 constexpr int64_t kFrame = (kTileH + 2 * kHalo) * kLd;
-constexpr int64_t kLanes = 8;
+constexpr int64_t kLanes = 32;  // running sums of a tile dot product: four independent AVX2 chains
 
 struct Span {
   int64_t begin, end;

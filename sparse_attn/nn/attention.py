@@ -8,6 +8,7 @@ from torch import nn
 
 from ..ops.sparse_channel_attention import sparse_channel_attention
 from .bands import attended_rows, attention_matrix_of, inference_band_rows, map_rows
+from .depthwise import depthwise
 from .input_checks import autocast_parameters, check_feature_map
 
 
@@ -21,7 +22,8 @@ def drsformer_topk(channels):
 class ChannelAttentionBase(nn.Module):
     """The frame of every channel-attention module of the Restormer family (public, to subclass).
 
-    ``forward``: qkv (1x1, dim -> 3·dim) -> depthwise 3x3 (``qkv_dwconv``) -> split into q, k, v of
+    ``forward``: qkv (1x1, dim -> 3·dim) -> depthwise 3x3 (``qkv_dwconv``, run on
+    :func:`sparse_attn.depthwise_conv2d`) -> split into q, k, v of
     shape (B, heads, d, H·W), d = dim / heads -> :meth:`attend` -> ``project_out`` (1x1). The
     parameter names (``temperature``, ``qkv``, ``qkv_dwconv``, ``project_out``) are those of
     Restormer's and DRSformer's ``Attention``, so their state_dicts load.
@@ -68,7 +70,7 @@ class ChannelAttentionBase(nn.Module):
         if rows is not None and b > 0:
             p = attention_matrix_of(self, x, rows)
             return map_rows(x, lambda part, first, last: attended_rows(self, p, part, first, last), 1, rows)
-        q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
+        q, k, v = depthwise(self.qkv_dwconv, self.qkv(x), self.backend).chunk(3, dim=1)
         shape = (b, self.num_heads, c // self.num_heads, h * w)
         # The ops take no empty tensor; the attention of an empty batch is that empty batch.
         out = self.attend(q.reshape(shape), k.reshape(shape), v.reshape(shape)) if b > 0 else v

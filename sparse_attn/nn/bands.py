@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..backends import requested
 from ..reference import attention_matrix, scores_from_gram
+from .depthwise import depthwise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,9 +120,8 @@ def projected_rows(attn, part, channels, first, last, norm=_identity):
     """Rows [first, last) of the channels ``channels`` (a slice of the 3C) of
     ``qkv_dwconv(qkv(norm(part)))`` of a :class:`~sparse_attn.nn.ChannelAttentionBase`."""
     bias = attn.qkv.bias[channels] if attn.qkv.bias is not None else None
-    dw_bias = attn.qkv_dwconv.bias[channels] if attn.qkv_dwconv.bias is not None else None
     y = F.conv2d(norm(part), attn.qkv.weight[channels], bias)
-    y = F.conv2d(y, attn.qkv_dwconv.weight[channels], dw_bias, padding=1, groups=y.shape[1])
+    y = depthwise(attn.qkv_dwconv, y, attn.backend, channels)
     return y[..., first:last, :]
 
 

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.block_sparse_attention import block_sparse_attention
+from .depthwise import depthwise
 from .input_checks import autocast_parameters, check_feature_map
 
 COMBINE_MODES = ("sum", "gate")
@@ -108,7 +109,7 @@ class RegionSelectionAttention(nn.Module):
         """(B, dim, H, W) -> (B, dim, H, W)."""
         check_feature_map(self, x, self.dim)
         b, c, h, w = x.shape
-        q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
+        q, k, v = depthwise(self.qkv_dwconv, self.qkv(x), self.backend).chunk(3, dim=1)
         if b == 0:  # the op takes no empty tensor; the attention of an empty batch is that empty batch
             return self.project_out(v)
         heads, d, p = self.num_heads, c // self.num_heads, self.region_size
