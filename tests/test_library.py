@@ -109,6 +109,24 @@ def test_gated_dwconv_cuda_grid_limits_are_checked_before_dispatch():
     assert limits(types.SimpleNamespace(device=torch.device("cpu"), shape=(1, 2 * groups_at_limit, 2048, 2048))) is None
 
 
+@requires_native
+def test_depthwise_conv2d_cuda_grid_limits_are_checked_before_dispatch():
+    tile_h, tile_w, bound = importlib.import_module("sparse_attn.ops.depthwise_conv2d")._CUDA_GRID
+    assert (tile_h, tile_w, bound) == (32, 32, 2**31)
+    limits = _library.lookup("depthwise_conv2d").table.native.limits
+    assert limits(cuda_like((1, 144, 512, 512)), None, None, 1) is None
+    # 2048², dilation 2: 2 x 2 phases of 1024² lattice pixels, 32 x 32 tiles each: 4096 blocks per plane
+    planes_at_limit = 2**31 // 4096
+    assert limits(cuda_like((1, planes_at_limit - 1, 2048, 2048)), None, None, 2) is None
+    assert ("fewer than 2147483648 blocks" in limits(cuda_like((1, planes_at_limit, 2048, 2048)), None, None, 2))
+    # a dilation beyond the image: only the phases that hold pixels count (5 x 9 of them, one tile each)
+    assert limits(cuda_like((2**31 // 45 - 1, 1, 5, 9)), None, None, 10) is None
+    assert "fewer than 2147483648 blocks" in limits(cuda_like((2**31 // 45 + 1, 1, 5, 9)), None, None, 10)
+    assert "H * W below 2^31" in limits(cuda_like((1, 2, 65536, 32768)), None, None, 1)
+    assert limits(types.SimpleNamespace(device=torch.device("cpu"), shape=(1, planes_at_limit, 2048, 2048)),
+                  None, None, 2) is None
+
+
 @requires_triton_cpu
 def test_auto_routes_around_a_limit_and_explicit_requests_name_it(monkeypatch):
     """Triton's attention kernels take d <= 128. With triton first in CPU's order (as it is on
