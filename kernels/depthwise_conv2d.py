@@ -134,6 +134,15 @@ def launch_configurations():
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
+def _kernel_size(weight):
+    """K as a Python int, a compile-time constant of the kernels. (Under torch.compile a shape may
+    be symbolic: comparing it with each size specializes the graph on K.)"""
+    for k in KERNEL_SIZES:
+        if weight.shape[-1] == k:
+            return k
+    raise ValueError(f"weight: the kernel size K must be one of {KERNEL_SIZES}, got {weight.shape[-1]}")
+
+
 def _bias_or_zeros(bias, like):
     """A missing bias as zeros: one compiled kernel serves both cases, at the cost of a load."""
     return bias.contiguous() if bias is not None else like.new_zeros(like.shape[1])
@@ -151,7 +160,7 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], dilation: int) ->
     programs, _ = _programs(batch, channels, height, width, blocks)
     launch(depthwise_conv2d_forward_kernel, (programs,), x, weight.contiguous(), _bias_or_zeros(bias, x), out,
            channels, height, width, dilation,
-           K=weight.shape[-1], **_constexprs(blocks), num_warps=blocks["num_warps"])
+           K=_kernel_size(weight), **_constexprs(blocks), num_warps=blocks["num_warps"])
     return out
 
 
@@ -162,7 +171,7 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor]
     x = x.contiguous()
     grad_out = grad_out.to(x.dtype).contiguous()
     batch, channels, height, width = x.shape
-    k = weight.shape[-1]
+    k = _kernel_size(weight)
     blocks = _blocks(x)
     programs, tiles = _programs(batch, channels, height, width, blocks)
     total = channels * (k * k + 1)

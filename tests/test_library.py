@@ -22,9 +22,8 @@ def attention_args(d=8, n=12, dtype=torch.float32):
 
 
 def test_every_op_is_plugged_once():
-    assert _library.plugged() == ["block_sparse_attention", "gated_dwconv", "layer_norm2d", "mixed_scale_dwconv",
-                                  "patch_attention",
-                                  "sparse_channel_attention"]
+    assert _library.plugged() == ["block_sparse_attention", "depthwise_conv2d", "gated_dwconv", "layer_norm2d",
+                                  "mixed_scale_dwconv", "patch_attention", "sparse_channel_attention"]
     for name in _library.plugged():
         assert _library.lookup(getattr(sparse_attn, name)) is _library.lookup(name)
         with pytest.raises(RuntimeError, match="plugged twice"):

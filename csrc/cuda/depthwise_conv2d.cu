@@ -216,7 +216,8 @@ BackwardResult backward_cuda(const Tensor& grad_out_in, const Tensor& x_in, cons
   if (x.numel() == 0) return {grad_x, at::zeros_like(o.weight), at::zeros({channels}, x.options())};
   const Geometry g = geometry_of(o);
   // Every block writes its whole entry of its row, so the table needs no zeroing.
-  Tensor partials = at::empty({x.size(0) * g.tiles * g.phases(), channels * (taps + 1)}, x.options().dtype(at::kDouble));
+  const int64_t rows = x.size(0) * g.tiles * g.phases();
+  Tensor partials = at::empty({rows, channels * (taps + 1)}, x.options().dtype(at::kDouble));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_conv2d_backward_cuda", [&] {
     with_kernel_size(o.kernel, [&](auto size) {
