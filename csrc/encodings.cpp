@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "common/depthwise_conv2d_grid.h"
 #include "common/gated_dwconv.h"
 #include "common/gated_dwconv_args.h"
 #include "common/mixed_scale_dwconv.h"
@@ -41,6 +42,7 @@ std::vector<int64_t> encoding(c10::string_view name, int64_t size) {
   }
   if (name == "gated_dwconv_cuda_grid") return {gdw::kCudaTileH, gdw::kCudaTileW, gdw::kCudaGridLimit};
   if (name == "mixed_scale_dwconv_cuda_grid") return {msdw::kCudaTileH, msdw::kCudaTileW, msdw::kCudaGridLimit};
+  if (name == "depthwise_conv2d_cuda_grid") return {dwc::kCudaTileH, dwc::kCudaTileW, dwc::kCudaGridLimit};
   TORCH_CHECK(false, "encoding: unknown name '", std::string(name), "'");
   return {};
 }

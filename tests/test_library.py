@@ -22,9 +22,8 @@ def attention_args(d=8, n=12, dtype=torch.float32):
 
 
 def test_every_op_is_plugged_once():
-    assert _library.plugged() == ["block_sparse_attention", "gated_dwconv", "layer_norm2d", "mixed_scale_dwconv",
-                                  "patch_attention",
-                                  "sparse_channel_attention"]
+    assert _library.plugged() == ["block_sparse_attention", "depthwise_conv2d", "gated_dwconv", "layer_norm2d",
+                                  "mixed_scale_dwconv", "patch_attention", "sparse_channel_attention"]
     for name in _library.plugged():
         assert _library.lookup(getattr(sparse_attn, name)) is _library.lookup(name)
         with pytest.raises(RuntimeError, match="plugged twice"):
@@ -107,6 +106,24 @@ def test_gated_dwconv_cuda_grid_limits_are_checked_before_dispatch():
     assert "fewer than 2147483648 tiles of 16 x 32" in limits(cuda_like((1, 2 * groups_at_limit, 2048, 2048)))
     assert "H * W below 2^31" in limits(cuda_like((1, 2, 65536, 32768)))
     assert limits(types.SimpleNamespace(device=torch.device("cpu"), shape=(1, 2 * groups_at_limit, 2048, 2048))) is None
+
+
+@requires_native
+def test_depthwise_conv2d_cuda_grid_limits_are_checked_before_dispatch():
+    tile_h, tile_w, bound = importlib.import_module("sparse_attn.ops.depthwise_conv2d")._CUDA_GRID
+    assert (tile_h, tile_w, bound) == (32, 32, 2**31)
+    limits = _library.lookup("depthwise_conv2d").table.native.limits
+    assert limits(cuda_like((1, 144, 512, 512)), None, None, 1) is None
+    # 2048², dilation 2: 2 x 2 phases of 1024² lattice pixels, 32 x 32 tiles each: 4096 blocks per plane
+    planes_at_limit = 2**31 // 4096
+    assert limits(cuda_like((1, planes_at_limit - 1, 2048, 2048)), None, None, 2) is None
+    assert ("fewer than 2147483648 blocks" in limits(cuda_like((1, planes_at_limit, 2048, 2048)), None, None, 2))
+    # a dilation beyond the image: only the phases that hold pixels count (5 x 9 of them, one tile each)
+    assert limits(cuda_like((2**31 // 45 - 1, 1, 5, 9)), None, None, 10) is None
+    assert "fewer than 2147483648 blocks" in limits(cuda_like((2**31 // 45 + 1, 1, 5, 9)), None, None, 10)
+    assert "H * W below 2^31" in limits(cuda_like((1, 2, 65536, 32768)), None, None, 1)
+    assert limits(types.SimpleNamespace(device=torch.device("cpu"), shape=(1, planes_at_limit, 2048, 2048)),
+                  None, None, 2) is None
 
 
 @requires_triton_cpu

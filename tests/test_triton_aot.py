@@ -103,6 +103,7 @@ def test_every_kernel_module_lists_configurations():
     assert "sparse_attn.kernels.gated_dwconv" in modules
     assert "sparse_attn.kernels.block_sparse_attention" in modules
     assert "sparse_attn.kernels.patch_attention" in modules
+    assert "sparse_attn.kernels.depthwise_conv2d" in modules
     assert CASES
 
 

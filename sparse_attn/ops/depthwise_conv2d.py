@@ -10,6 +10,7 @@ dilation 1 or 2) run on it: PyTorch's CPU convolution takes these shapes through
 """
 import torch
 
+from .. import encodings
 from ..reference import depthwise_conv2d as reference_depthwise_conv2d
 from . import _library
 
@@ -84,6 +85,27 @@ def _backward(ctx, backward_op, grad_out):
 # ---------------------------------------------------------------------------------------------
 # Backends
 # ---------------------------------------------------------------------------------------------
+_CUDA_GRID = encodings.cuda_grid("depthwise_conv2d")
+
+
+def _native_limits(x, weight, bias, dilation):
+    """The CUDA kernels index a plane with 32-bit integers and use a one-dimensional grid of one
+    block per (image, channel, dilation phase, tile of the phase's lattice)."""
+    if x.device.type != "cuda" or _CUDA_GRID is None:
+        return None
+    tile_h, tile_w, grid_limit = _CUDA_GRID
+    batch, channels, height, width = x.shape
+    if height * width >= 2**31:
+        return f"its CUDA kernels take H * W below 2^31, got {height} * {width}"
+    # as cuda_blocks_per_plane in csrc/common/depthwise_conv2d_grid.h
+    lattice_h, lattice_w = -(-height // dilation), -(-width // dilation)
+    per_plane = (min(dilation, height) * min(dilation, width) * -(-lattice_h // tile_h) * -(-lattice_w // tile_w))
+    if batch * channels * per_plane >= grid_limit:
+        return (f"its CUDA kernels take fewer than {grid_limit} blocks (one per image, channel, dilation phase and "
+                f"tile of {tile_h} x {tile_w} lattice pixels), got {batch * channels * per_plane}")
+    return None
+
+
 _OP = _library.plug(_library.OpTable(
     name="depthwise_conv2d",
     arguments=_check_arguments,
@@ -94,7 +116,8 @@ _OP = _library.plug(_library.OpTable(
     backward=_backward,
     native=_library.Kernels(
         forward="depthwise_conv2d_forward", backward="depthwise_conv2d_backward",
-        dtypes={"cpu": (torch.float32, torch.float64)}),
+        dtypes={"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64)},
+        limits=_native_limits),
     triton=None if triton_launchers is None else _library.Kernels(
         forward="depthwise_conv2d_triton_forward", backward="depthwise_conv2d_triton_backward",
         dtypes=_library.TRITON_DTYPES, launchers=triton_launchers),
