@@ -8,9 +8,11 @@ import torch.nn.functional as F
 
 import sparse_attn
 from sparse_attn.models import DSGformer, Restormer
-from sparse_attn.nn import DeepSparseAttention, FrequencyGatedFFN
+from sparse_attn.nn import DeepSparseAttention, FrequencyGatedFFN, frequency_gated_ffn
+from sparse_attn.nn.frequency_gated_ffn import patch_filter_as_products, patch_spectral_filter
 
 from benchmarks.memory import saved_bytes
+from helpers import assert_matches_float64_reference
 from model_cases import BACKENDS, assert_training_agrees, skip_unless_runs, train_steps, training_dtype
 
 SMALL = dict(dim=8, num_blocks=(1, 1, 1, 1), num_refinement_blocks=1, heads=(1, 2, 4, 8))
@@ -219,3 +221,34 @@ def test_short_training_run_on_motion_blur_reduces_the_loss():
         losses.append(loss.item())
     print(f"L1 loss: first {losses[0]:.4f}, last {losses[-1]:.4f}")
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 16, 24), (1, 3, 21, 13), (1, 2, 3, 5)], ids=str)
+def test_filter_as_products_is_the_spectral_filter(shape):
+    """The products form against the FFT form: equal in float64 (forward, both gradients), and
+    in float32 within the float64-truth rule of the op tests."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    filt = 1 + 0.5 * torch.randn(shape[1], 1, 1, 8, 5, generator=g, dtype=torch.float64)
+    products, spectral = (lambda a, f: patch_filter_as_products(a, f, 8)), (lambda a, f: patch_spectral_filter(a, f, 8))
+    for dtype in (torch.float64, torch.float32):
+        # the filter's gradient sums every patch's terms in another order: 64 ulps in float64
+        assert_matches_float64_reference(products, spectral, [x, filt], dtype, ("out", "x", "filt"),
+                                         floor_ulps={torch.float64: 64})
+
+
+@pytest.mark.parametrize("backend,products", [("reference", False), ("auto", True)])
+def test_frequency_gated_ffn_filters_large_maps_as_products_off_reference(monkeypatch, backend, products):
+    calls = []
+    for name in ("patch_spectral_filter", "patch_filter_as_products"):
+        original = getattr(frequency_gated_ffn, name)
+        monkeypatch.setattr(frequency_gated_ffn, name,
+                            lambda *a, _name=name, _f=original: calls.append(_name) or _f(*a))
+    module = FrequencyGatedFFN(4, 2.66, bias=False, backend=backend)
+    small, large = torch.randn(1, 4, 63, 64), torch.randn(1, 4, 64, 64, requires_grad=True)
+    module(small)
+    assert calls == ["patch_spectral_filter"]
+    calls.clear()
+    out = module(large)  # with gradients: checkpointed, and recomputed in backward on the same path
+    out.sum().backward()
+    assert calls == ["patch_filter_as_products" if products else "patch_spectral_filter"] * 2

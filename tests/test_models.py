@@ -241,55 +241,65 @@ def test_training_steps_agree_with_reference(name, backend):
 LEAN_BACKENDS = [b for b in BACKENDS if b != "reference"]
 
 
-def _mefc_and_input():
+# float64, where the lean form is exact to rounding; float32 on triton, whose interpreter takes no
+# float64 (the depthwise experts run on its kernels). (rtol, atol) of values and of gradients.
+_LEAN_TOLERANCE = {torch.float64: ((1e-12, 1e-12), (1e-10, 1e-10)), torch.float32: ((1e-5, 1e-5), (1e-4, 1e-4))}
+
+
+def _mefc_and_input(backend):
+    # Triton's interpreter takes about a second per kernel launch: one step of experts there.
+    dtype, steps = (torch.float32, 1) if backend == "triton" else (torch.float64, 4)
     torch.manual_seed(0)
-    mefc = MEFC(8).double()
+    mefc = MEFC(8, steps=steps).to(dtype)
     # Gate weights of a trained model differ per image: a large random gate makes the two
     # images' expert mixtures differ too.
     with torch.no_grad():
         mefc.layers[0].ca_fc[-1].weight.normal_(std=3.0)
-    return mefc, torch.randn(2, 8, 11, 9, dtype=torch.float64, requires_grad=True)
+    return mefc, torch.randn(2, 8, 11, 9, dtype=dtype, requires_grad=True), _LEAN_TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("backend", LEAN_BACKENDS)
 def test_lean_mefc_computes_upstreams_mefc(backend):
-    mefc, x = _mefc_and_input()
+    mefc, x, ((rtol, atol), (grad_rtol, grad_atol)) = _mefc_and_input(backend)
     inputs = [x, *mefc.parameters()]
     with sparse_attn.use_backend("reference"):
         expected = mefc(x)
         expected_grads = torch.autograd.grad(expected.square().sum(), inputs)
     with sparse_attn.use_backend(backend):
         with torch.no_grad():
-            torch.testing.assert_close(mefc(x), expected, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(mefc(x), expected, rtol=rtol, atol=atol)
         out = mefc(x)
         grads = torch.autograd.grad(out.square().sum(), inputs)
-    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, expected, rtol=rtol, atol=atol)
     for grad, expected_grad in zip(grads, expected_grads):
-        torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(grad, expected_grad, rtol=grad_rtol, atol=grad_atol)
 
 
 @pytest.mark.parametrize("backend", LEAN_BACKENDS)
 def test_lean_mefc_saves_only_its_input_for_backward(backend):
-    mefc, x = _mefc_and_input()
+    mefc, x, _ = _mefc_and_input(backend)
     with sparse_attn.use_backend("reference"):
         upstream, _ = saved_bytes(lambda: mefc(x))
     with sparse_attn.use_backend(backend):
         lean, _ = saved_bytes(lambda: mefc(x))
     assert lean == x.nbytes
-    assert upstream > 100 * x.nbytes  # the eight experts' intermediates
+    steps = len(mefc.layers[1]._ops)
+    assert upstream > 25 * steps * x.nbytes  # the eight experts' intermediates, step by step
 
 
-@pytest.mark.parametrize("backend", LEAN_BACKENDS)
+# On triton: minutes in the interpreter, and the op's own tests compile its Triton ops.
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.slow) if b == "triton" else b
+                                     for b in LEAN_BACKENDS])
 def test_lean_mefc_compiles_with_gradients(backend):
-    mefc, x = _mefc_and_input()
+    mefc, x, ((rtol, atol), _) = _mefc_and_input(backend)
     with sparse_attn.use_backend(backend):
         compiled = torch.compile(mefc, fullgraph=True, backend="aot_eager")
         out = compiled(x)
         grad = torch.autograd.grad(out.square().sum(), x)[0]
         expected = mefc(x)
         expected_grad = torch.autograd.grad(expected.square().sum(), x)[0]
-    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, expected, rtol=rtol, atol=atol)
+    torch.testing.assert_close(grad, expected_grad, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("constructed, used, lean", [
