@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sparse_attn import backends, depthwise_conv2d
 from sparse_attn.nn import MixedScaleFFN, TopKChannelAttention
-from sparse_attn.nn.depthwise import depthwise, runs_on_the_op
+from sparse_attn.nn.depthwise import depthwise
 from sparse_attn.nn.input_checks import check_feature_map
 
 from .common import RestorationUNet, TransformerBlock
@@ -106,7 +106,7 @@ class OperationLayer(nn.Module):
                          ).reshape(channels, channels, 1, 1)
                 expert = x
                 for layer in body:
-                    expert = depthwise(layer, expert, backend) if runs_on_the_op(layer) else layer(expert)
+                    expert = depthwise(layer, expert, backend) if isinstance(layer, nn.Conv2d) else layer(expert)
             else:
                 expert = _average_pool(op, x, backend)
             term = F.conv2d(expert * scale, share)

@@ -23,8 +23,8 @@ def runs_on_the_op(conv):
 def depthwise(conv, x, backend="auto", channels=slice(None)):
     """``conv(x)`` on the op's ``backend`` ("auto" follows ``use_backend``, whose ``reference``
     is ``F.conv2d`` itself). ``channels``: which of the convolution's channels x holds (a slice,
-    for the attention's band-by-band forward). A convolution the op does not compute, and an
-    empty batch (which the op does not take), run as the module."""
+    for the attention's band-by-band forward). Any other convolution (one the op does not
+    compute), and an empty batch (which the op does not take), run as the module would."""
     weight, bias = conv.weight[channels], conv.bias[channels] if conv.bias is not None else None
     if not runs_on_the_op(conv) or x.numel() == 0:
         return conv._conv_forward(x, weight, bias)
