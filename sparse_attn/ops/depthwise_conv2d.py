@@ -16,7 +16,7 @@ from . import _library
 
 try:
     from ..kernels import depthwise_conv2d as triton_launchers
-except ImportError:  # no Triton here (or no kernel yet): the backend says so when asked for
+except ImportError:  # no Triton here: the backend says so when asked for
     triton_launchers = None
 
 KERNEL_SIZES = (1, 3, 5, 7)
