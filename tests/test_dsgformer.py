@@ -249,6 +249,13 @@ def test_frequency_gated_ffn_filters_large_maps_as_products_off_reference(monkey
     module(small)
     assert calls == ["patch_spectral_filter"]
     calls.clear()
-    out = module(large)  # with gradients: checkpointed, and recomputed in backward on the same path
+    out = module(large)  # with gradients: the FFTs are recomputed in backward, the products are not
     out.sum().backward()
-    assert calls == ["patch_filter_as_products" if products else "patch_spectral_filter"] * 2
+    assert calls == (["patch_filter_as_products"] if products else ["patch_spectral_filter"] * 2)
+
+
+def test_filter_as_products_saves_the_patches_and_the_filter_only():
+    x = torch.randn(2, 6, 16, 24, requires_grad=True)
+    filt = torch.randn(6, 1, 1, 8, 5, requires_grad=True)
+    saved, _ = saved_bytes(lambda: patch_filter_as_products(x, filt, 8))
+    assert saved == x.nbytes + filt.nbytes  # not the (6, 64, 64) operators

@@ -74,13 +74,46 @@ def _unit_filter_operators(p, dtype, device):
     return responses.reshape(p * q, p * p, p * p).transpose(1, 2).reshape(p * q, -1).to(dtype=dtype, device=device)
 
 
+class _PatchProducts(torch.autograd.Function):
+    """bmm(operators, columns) with operators = (filt (C, bins) @ the unit operators) reshaped to
+    (C, p², p²). Backward keeps columns and filt, not the operators (C·p⁴ values, 16 KiB per
+    channel at p = 8): it builds them again, one small product."""
+
+    @staticmethod
+    def forward(columns, filt, p):
+        return torch.bmm(_operators(filt, p), columns)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        columns, filt, p = inputs
+        ctx.save_for_backward(columns, filt)
+        ctx.p = p
+
+    @staticmethod
+    def backward(ctx, grad):
+        columns, filt = ctx.saved_tensors
+        grad_columns = grad_filt = None
+        if ctx.needs_input_grad[0]:
+            grad_columns = torch.bmm(_operators(filt, ctx.p).transpose(1, 2), grad)
+        if ctx.needs_input_grad[1]:
+            grad_operators = torch.bmm(grad, columns.transpose(1, 2)).reshape(filt.shape[0], -1)
+            grad_filt = grad_operators @ _unit_filter_operators(ctx.p, filt.dtype, filt.device).t()
+        return grad_columns, grad_filt, None
+
+
+def _operators(filt, p):
+    """Each channel's p² x p² filter matrix from its spectral coefficients ``filt`` (C, bins)."""
+    return (filt @ _unit_filter_operators(p, filt.dtype, filt.device)).reshape(filt.shape[0], p * p, p * p)
+
+
 def patch_filter_as_products(x, filt, patch_size):
     """patch_spectral_filter as matrix products: the filter is linear in each patch, so every
     channel's filter is one p² x p² matrix (a sum of the unit filters' matrices weighted by
     ``filt``) applied to all of that channel's patches in one batched product. Many small FFTs
     and their complex intermediates become large products: 2-3x faster forward and backward on
     level-1 and level-2 maps of Restormer-sized networks, the same values up to rounding (sums
-    of p² terms, about 3x the FFT's rounding in float32)."""
+    of p² terms, about 3x the FFT's rounding in float32). Backward keeps the patches (the map's
+    size) and the filter, so there is nothing to gain from recomputing it."""
     if x.numel() == 0:
         return x
     p = patch_size
@@ -88,9 +121,9 @@ def patch_filter_as_products(x, filt, patch_size):
     patches, padding = _patches(x, p)
     hp, wp = patches.shape[2], patches.shape[4]
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    operators = (filt.reshape(c, -1).to(compute) @ _unit_filter_operators(p, compute, x.device)).reshape(c, p * p, p * p)
     columns = patches.to(compute).permute(1, 3, 5, 0, 2, 4).reshape(c, p * p, b * hp * wp)  # (C, pixel, patch)
-    filtered = torch.bmm(operators, columns).reshape(c, p, p, b, hp, wp).permute(3, 0, 4, 1, 5, 2)
+    filtered = _PatchProducts.apply(columns, filt.reshape(c, -1).to(compute), p)
+    filtered = filtered.reshape(c, p, p, b, hp, wp).permute(3, 0, 4, 1, 5, 2)
     return _unpatch(filtered.to(x.dtype), padding, *x.shape[-2:])
 
 
@@ -109,7 +142,8 @@ class FrequencyGatedFFN(nn.Module):
         patch_size: side of the patches the filter acts on (8, as FFTformer).
         recompute_spectrum: when gradients are recorded, save only the filter's input and redo
             the forward FFT in backward (activation checkpointing of the filter) instead of
-            keeping the complex spectrum: less memory for one more FFT per backward.
+            keeping the complex spectrum: less memory for one more FFT per backward. (The
+            products form, off ``reference`` on large maps, keeps no spectrum to recompute.)
         backend: the backend of the fused depthwise convolution and gate,
             :func:`sparse_attn.gated_dwconv` ("auto" follows ``use_backend``).
     """
@@ -134,13 +168,12 @@ class FrequencyGatedFFN(nn.Module):
         """(B, dim, H, W) -> (B, dim, H, W)."""
         check_feature_map(self, x, self.dim)
         x = self.project_in(x)
-        # Decided here, not in the filter: a recomputation in backward must take the same path.
-        products = requested(self.backend) != "reference" and x.shape[0] * x.shape[-2] * x.shape[-1] >= PRODUCTS_MIN_PIXELS
-        spectral_filter = patch_filter_as_products if products else patch_spectral_filter
-        if self.recompute_spectrum and torch.is_grad_enabled():
-            x = checkpoint(spectral_filter, x, self.fft, self.patch_size, use_reentrant=False)
+        if requested(self.backend) != "reference" and x.shape[0] * x.shape[-2] * x.shape[-1] >= PRODUCTS_MIN_PIXELS:
+            x = patch_filter_as_products(x, self.fft, self.patch_size)  # keeps no spectrum
+        elif self.recompute_spectrum and torch.is_grad_enabled():
+            x = checkpoint(patch_spectral_filter, x, self.fft, self.patch_size, use_reentrant=False)
         else:
-            x = spectral_filter(x, self.fft, self.patch_size)
+            x = patch_spectral_filter(x, self.fft, self.patch_size)
         if x.shape[0] == 0:  # the op takes no empty tensor; an empty batch has h channels here
             return self.project_out(x[:, :self.hidden_features])
         weight, bias = autocast_parameters(x, self.dwconv.weight, self.dwconv.bias)
