@@ -1,6 +1,6 @@
 """Property-based tests (hypothesis) of every op on every backend: over shapes (odd sizes, N and
 images that fill no block, B > 1), dtypes, strides, branch counts and topk (attention) and biases
-(MSFN), a backend either agrees with the float64 reference, forward and every gradient, within the
+(MSFN, depthwise convolution), kernel sizes and dilations (depthwise), a backend either agrees with the float64 reference, forward and every gradient, within the
 rule of helpers.py, or refuses with BackendUnavailable saying why.
 
 The dtypes drawn are those in which the rule measures the reference's own error (float32,
@@ -20,7 +20,10 @@ from hypothesis import strategies as st
 
 import mixed_scale_dwconv_cases as msfn
 import sparse_channel_attention_cases as attention
+from block_ops_cases import DEPTHWISE_NAMES, depthwise_fn, depthwise_inputs
+from helpers import assert_matches_float64_reference
 from sparse_attn.backends import BACKENDS, BackendUnavailable
+from sparse_attn.reference import depthwise_conv2d as reference_depthwise_conv2d
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -121,6 +124,44 @@ def test_mixed_scale_dwconv_agrees_with_reference_or_refuses(backend):
         inputs = _msfn_inputs(case["shape"], case["bias"], case["layout"])
         try:
             msfn.assert_matches_reference(backend, inputs, case["dtype"])
+        except BackendUnavailable as exc:
+            assert_refusal_says_why(exc, backend, case["dtype"])
+
+    check()
+
+
+# ---------------------------------------------------------------------------------------------
+# depthwise_conv2d
+# ---------------------------------------------------------------------------------------------
+DEPTHWISE_MAX = {"reference": (5, 20), "native": (5, 20), "triton": (2, 9)}  # (C, H and W)
+
+
+@st.composite
+def depthwise_cases(draw, backend):
+    max_c, max_side = DEPTHWISE_MAX[backend]
+    shape = (draw(st.integers(1, 2)), draw(st.integers(1, max_c)), draw(st.integers(1, max_side)),
+             draw(st.integers(1, max_side)))
+    return dict(shape=shape, kernel=draw(st.sampled_from((1, 3, 5, 7))), dilation=draw(st.integers(1, 3)),
+                dtype=draw(st.sampled_from(DTYPES)), bias=draw(st.booleans()),
+                layout=draw(st.sampled_from(["contiguous", "channels_last", "transposed"])))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_depthwise_conv2d_agrees_with_reference_or_refuses(backend):
+    @bounded(backend)
+    @given(depthwise_cases(backend))
+    def check(case):
+        x, weight, bias = depthwise_inputs(case["shape"], case["kernel"], torch.float64, case["bias"])
+        if case["layout"] == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+        elif case["layout"] == "transposed":
+            x = x.transpose(2, 3).contiguous().transpose(2, 3)
+            weight = weight.transpose(2, 3).contiguous().transpose(2, 3)
+        dilation = case["dilation"]
+        truth = lambda x, w, b: reference_depthwise_conv2d(x, w, b, dilation)  # noqa: E731
+        try:
+            assert_matches_float64_reference(depthwise_fn(backend, dilation), truth, [x, weight, bias],
+                                             case["dtype"], ("out",) + DEPTHWISE_NAMES)
         except BackendUnavailable as exc:
             assert_refusal_says_why(exc, backend, case["dtype"])
 
