@@ -1,7 +1,8 @@
-"""Property-based tests (hypothesis) of every op on every backend: over shapes (odd sizes, N and
-images that fill no block, B > 1), dtypes, strides, branch counts and topk (attention) and biases
-(MSFN, depthwise convolution), kernel sizes and dilations (depthwise), a backend either agrees with the float64 reference, forward and every gradient, within the
-rule of helpers.py, or refuses with BackendUnavailable saying why.
+"""Property-based tests (hypothesis) of the attention, MSFN and depthwise ops on every backend:
+over shapes (odd sizes, N and images that fill no block, B > 1), dtypes, strides, branch counts
+and topk (attention), biases (MSFN, depthwise), kernel sizes and dilations (depthwise), a backend
+either agrees with the float64 reference, forward and every gradient, within the rule of
+helpers.py, or refuses with BackendUnavailable saying why.
 
 The dtypes drawn are those in which the rule measures the reference's own error (float32,
 float16, bfloat16), so that a drawn case that is ill-conditioned (a gradient small by
