@@ -7,7 +7,9 @@ project_out as ``dwconv`` -> chunk -> ``gelu(x1) * x2``; the depthwise convoluti
 official ``nn.Conv2d(..., groups=C)``: the 3x3 on q, k, v (``qkv_dwconv``, 3·dim channels) and
 the widest of MEFC's experts (7x7, dilation 2, dim channels at full resolution). Ours:
 ``sparse_attn.layer_norm2d``, ``sparse_attn.gated_dwconv`` and ``sparse_attn.depthwise_conv2d`` on
-every backend. Level l = 1..4 of Restormer: dim 48·2^(l-1) at H/2^(l-1) × W/2^(l-1); the GDFN's
+every backend. Beside them, GDFN's ``project_in`` (1x1, dim -> 2h) against ``F.conv2d``: not an
+op, but :mod:`sparse_attn.nn.pointwise` runs the networks' 1x1 convolutions as matrix products
+off ``reference`` on CPU (every backend's row is that same product; no target). Level l = 1..4 of Restormer: dim 48·2^(l-1) at H/2^(l-1) × W/2^(l-1); the GDFN's
 hidden width h = int(2.66·dim).
 """
 import torch
@@ -18,7 +20,8 @@ from .report import Target, find_row
 
 GROUP = "blocks"
 PARTS = {"norm": "LayerNorm (WithBias)", "gate": "GDFN core (gelu)", "qkv_dw": "qkv depthwise 3x3",
-         "expert_dw": "MEFC depthwise 7x7 dilation 2"}
+         "expert_dw": "MEFC depthwise 7x7 dilation 2", "project_in": "GDFN project_in 1x1"}
+OPS = ("norm", "gate", "qkv_dw", "expert_dw")  # the parts that are sparse_attn ops (issue 15's targets)
 DEPTHWISE = {"qkv_dw": (3, 1, 3), "expert_dw": (7, 2, 1)}  # part: kernel size, dilation, channels per dim
 BACKENDS = ("reference", "native", "triton")
 EXPANSION = 2.66
@@ -77,6 +80,10 @@ def _ours(part, backend, device):
     if part in DEPTHWISE:
         dilation = DEPTHWISE[part][1]
         return lambda x, weight: sparse_attn.depthwise_conv2d(x, weight, None, dilation, backend=backend)
+    if part == "project_in":
+        from sparse_attn.nn.pointwise import pointwise_conv2d
+
+        return lambda x, weight: pointwise_conv2d(x, weight, None, backend=backend)
     return lambda x, weight: sparse_attn.gated_dwconv(x, weight, None, "gelu", backend=backend)
 
 
@@ -85,6 +92,8 @@ def make_case(spec):
     if part in DEPTHWISE:
         k, _, per_dim = DEPTHWISE[part]
         channels, official = per_dim * dim, official_depthwise(part)
+    elif part == "project_in":  # weight (2h, dim, 1, 1)
+        k, channels, official = 1, dim, lambda x, weight: F.conv2d(x, weight)
     else:
         k = 3
         channels = dim if part == "norm" else 2 * int(dim * EXPANSION)
@@ -93,7 +102,12 @@ def make_case(spec):
     def inputs(device, dtype):
         generator = torch.Generator().manual_seed(0)
         shapes = [((b, channels, height, width), 1.0, 0.0)]
-        shapes += [((channels,), 0.2, 1.0), ((channels,), 0.2, 0.0)] if part == "norm" else [((channels, 1, k, k), 1 / k, 0.0)]
+        if part == "norm":
+            shapes += [((channels,), 0.2, 1.0), ((channels,), 0.2, 0.0)]
+        elif part == "project_in":
+            shapes += [((2 * int(dim * EXPANSION), channels, 1, 1), channels ** -0.5, 0.0)]
+        else:
+            shapes += [((channels, 1, k, k), 1 / k, 0.0)]
         return [(torch.randn(*shape, generator=generator, dtype=torch.float64) * scale + shift)
                 .to(device=device, dtype=dtype).requires_grad_() for shape, scale, shift in shapes]
 
@@ -109,7 +123,7 @@ def targets(rows):
     Restormer level 1 at 256²; MEFC's expert at its full resolution, 256²), eager and compiled."""
     out = []
     get = lambda row, field: getattr(row, field, None)  # noqa: E731
-    for part, name in PARTS.items():
+    for part, name in ((part, PARTS[part]) for part in OPS):
         shape = make_case(level_spec(part, 1, 256)).shape
         row = find_row(rows, name, shape, "native")
         out += [Target("15", f"{name} {shape}, native: fwd vs official eager", get(row, "speedup_eager_fwd"), ">=", 2.0),

@@ -18,6 +18,7 @@ from sparse_attn import backends, depthwise_conv2d
 from sparse_attn.nn import MixedScaleFFN, TopKChannelAttention
 from sparse_attn.nn.depthwise import depthwise
 from sparse_attn.nn.input_checks import check_feature_map
+from sparse_attn.nn.pointwise import pointwise_conv2d
 
 from .common import RestorationUNet, TransformerBlock
 
@@ -109,7 +110,7 @@ class OperationLayer(nn.Module):
                     expert = depthwise(layer, expert, backend) if isinstance(layer, nn.Conv2d) else layer(expert)
             else:
                 expert = _average_pool(op, x, backend)
-            term = F.conv2d(expert * scale, share)
+            term = pointwise_conv2d(expert * scale, share, None, backend)
             out = term if out is None else out.add_(term)  # no autograd node needs a term back
         return self._out[1](out)
 
@@ -144,7 +145,10 @@ class GroupOLs(nn.Module):
 
     def forward(self, x, weights, lean=False, backend="auto"):
         """weights: (B, steps, NUM_EXPERTS); lean, backend: see OperationLayer."""
-        x = self.preprocess(x)
+        if lean:  # the preprocessing 1x1 as products too (see sparse_attn.nn.pointwise)
+            x = F.relu(pointwise_conv2d(x, self.preprocess.op[0].weight, None, backend))
+        else:
+            x = self.preprocess(x)
         for i, layer in enumerate(self._ops):
             x = F.relu(layer(x, weights[:, i, :], lean, backend) + x)
         return x

@@ -139,15 +139,27 @@ def test_the_wide_intermediates_never_exist_whole(name):
 
 
 class _FirstConvolution(TorchDispatchMode):
-    """Records the height of every map convolved with (a slice of) ``weight``."""
+    """Records the height of every map of width ``width`` convolved with (a slice of) ``weight``:
+    as a convolution (reference) or as the matrix products of sparse_attn.nn.pointwise, whose
+    operand of columns holds the map's H·W pixels."""
 
-    def __init__(self, weight):
+    _PRODUCTS = {torch.ops.aten.mm.default: (0, 1), torch.ops.aten.addmm.default: (1, 2),
+                 torch.ops.aten.bmm.default: (0, 1), torch.ops.aten.baddbmm.default: (1, 2)}
+
+    def __init__(self, weight, width):
         super().__init__()
-        self.storage, self.heights = weight.untyped_storage().data_ptr(), []
+        self.storage, self.width, self.heights = weight.untyped_storage().data_ptr(), width, []
+
+    def _is_weight(self, t):
+        return t.untyped_storage().data_ptr() == self.storage
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.convolution.default and args[1].untyped_storage().data_ptr() == self.storage:
+        if func is torch.ops.aten.convolution.default and self._is_weight(args[1]):
             self.heights.append(args[0].shape[-2])
+        elif func in self._PRODUCTS:
+            matrix, columns = (args[i] for i in self._PRODUCTS[func])
+            if self._is_weight(matrix):
+                self.heights.append(columns.shape[-1] // self.width)
         return func(*args, **(kwargs or {}))
 
 
@@ -156,7 +168,7 @@ def _heights_seen(module, x, rows, backend="native", grad=False):
     forward (the banded attention reads q, k and v in two slices of qkv: one per pass)."""
     first = module.project_in if isinstance(module, GatedDconvFFN) else module.qkv
     with torch.set_grad_enabled(grad), sparse_attn.use_backend(backend), banded_inference(rows), \
-            _FirstConvolution(first.weight) as seen:
+            _FirstConvolution(first.weight, x.shape[-1]) as seen:
         module(x)
     return seen.heights
 

@@ -10,6 +10,7 @@ from ..ops.sparse_channel_attention import sparse_channel_attention
 from .bands import attended_rows, attention_matrix_of, inference_band_rows, map_rows
 from .depthwise import depthwise
 from .input_checks import autocast_parameters, check_feature_map
+from .pointwise import PointwiseConv2d
 
 
 def drsformer_topk(channels):
@@ -42,10 +43,10 @@ class ChannelAttentionBase(nn.Module):
             raise ValueError(f"num_heads: {num_heads} does not divide dim = {dim}")
         self.dim, self.num_heads, self.backend = dim, num_heads, backend
         self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
-        self.qkv = nn.Conv2d(dim, dim * 3, kernel_size=1, bias=bias)
+        self.qkv = PointwiseConv2d(dim, dim * 3, bias=bias, backend=backend)
         self.qkv_dwconv = nn.Conv2d(dim * 3, dim * 3, kernel_size=3, stride=1, padding=1,
                                     groups=dim * 3, bias=bias)
-        self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
+        self.project_out = PointwiseConv2d(dim, dim, bias=bias, backend=backend)
 
     def branches(self, d):
         """(weights, topk, activation) of the attention op for d channels per head: the branch

@@ -21,11 +21,11 @@ import math
 import numbers
 
 import torch
-import torch.nn.functional as F
 
 from ..backends import requested
 from ..reference import attention_matrix, scores_from_gram
 from .depthwise import depthwise
+from .pointwise import pointwise_conv2d
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,7 +120,7 @@ def projected_rows(attn, part, channels, first, last, norm=_identity):
     """Rows [first, last) of the channels ``channels`` (a slice of the 3C) of
     ``qkv_dwconv(qkv(norm(part)))`` of a :class:`~sparse_attn.nn.ChannelAttentionBase`."""
     bias = attn.qkv.bias[channels] if attn.qkv.bias is not None else None
-    y = F.conv2d(norm(part), attn.qkv.weight[channels], bias)
+    y = pointwise_conv2d(norm(part), attn.qkv.weight[channels], bias, attn.backend)
     y = depthwise(attn.qkv_dwconv, y, attn.backend, channels)
     return y[..., first:last, :]
 

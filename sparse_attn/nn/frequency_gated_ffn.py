@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from ..backends import requested
 from .gated_dconv_ffn import gate_and_project
 from .input_checks import autocast_parameters, check_feature_map
+from .pointwise import PointwiseConv2d
 
 GATES = ("gelu", "relu2")
 
@@ -158,11 +159,11 @@ class FrequencyGatedFFN(nn.Module):
         hidden = int(dim * ffn_expansion_factor)
         self.dim, self.hidden_features, self.gate, self.patch_size = dim, hidden, gate, patch_size
         self.recompute_spectrum, self.backend = recompute_spectrum, backend
-        self.project_in = nn.Conv2d(dim, hidden * 2, kernel_size=1, bias=bias)
+        self.project_in = PointwiseConv2d(dim, hidden * 2, bias=bias, backend=backend)
         self.fft = nn.Parameter(torch.ones(hidden * 2, 1, 1, patch_size, patch_size // 2 + 1))
         self.dwconv = nn.Conv2d(hidden * 2, hidden * 2, kernel_size=3, stride=1, padding=1,
                                 groups=hidden * 2, bias=bias)
-        self.project_out = nn.Conv2d(hidden, dim, kernel_size=1, bias=bias)
+        self.project_out = PointwiseConv2d(hidden, dim, bias=bias, backend=backend)
 
     def forward(self, x):
         """(B, dim, H, W) -> (B, dim, H, W)."""

@@ -5,6 +5,7 @@ from ..backends import requested
 from ..ops import gated_dwconv
 from .bands import inference_band_rows, map_rows
 from .input_checks import autocast_parameters, check_feature_map
+from .pointwise import PointwiseConv2d
 from .recompute import saved_as_recipe
 
 
@@ -35,10 +36,10 @@ class GatedDconvFFN(nn.Module):
         super().__init__()
         hidden = int(dim * ffn_expansion_factor)
         self.dim, self.hidden_features, self.backend = dim, hidden, backend
-        self.project_in = nn.Conv2d(dim, hidden * 2, kernel_size=1, bias=bias)
+        self.project_in = PointwiseConv2d(dim, hidden * 2, bias=bias, backend=backend)
         self.dwconv = nn.Conv2d(hidden * 2, hidden * 2, kernel_size=3, stride=1, padding=1,
                                 groups=hidden * 2, bias=bias)
-        self.project_out = nn.Conv2d(hidden, dim, kernel_size=1, bias=bias)
+        self.project_out = PointwiseConv2d(hidden, dim, bias=bias, backend=backend)
 
     activation = "gelu"  # the gate of gated_dwconv
 

@@ -3,6 +3,7 @@ from torch import nn
 
 from ..ops import mixed_scale_dwconv
 from .input_checks import autocast_parameters, check_feature_map
+from .pointwise import PointwiseConv2d
 
 
 class MixedScaleFFN(nn.Module):
@@ -18,7 +19,7 @@ class MixedScaleFFN(nn.Module):
         super().__init__()
         hidden = int(dim * ffn_expansion_factor)
         self.dim, self.hidden_features, self.backend = dim, hidden, backend
-        self.project_in = nn.Conv2d(dim, hidden * 2, kernel_size=1, bias=bias)
+        self.project_in = PointwiseConv2d(dim, hidden * 2, bias=bias, backend=backend)
         self.dwconv3x3 = nn.Conv2d(hidden * 2, hidden * 2, kernel_size=3, stride=1, padding=1,
                                    groups=hidden * 2, bias=bias)
         self.dwconv5x5 = nn.Conv2d(hidden * 2, hidden * 2, kernel_size=5, stride=1, padding=2,
@@ -27,7 +28,7 @@ class MixedScaleFFN(nn.Module):
                                      groups=hidden, bias=bias)
         self.dwconv5x5_1 = nn.Conv2d(hidden * 2, hidden, kernel_size=5, stride=1, padding=2,
                                      groups=hidden, bias=bias)
-        self.project_out = nn.Conv2d(hidden * 2, dim, kernel_size=1, bias=bias)
+        self.project_out = PointwiseConv2d(hidden * 2, dim, bias=bias, backend=backend)
 
     def _mixed_scale_core(self, x):
         convs = (self.dwconv3x3, self.dwconv5x5, self.dwconv3x3_1, self.dwconv5x5_1)

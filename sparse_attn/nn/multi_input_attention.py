@@ -15,6 +15,7 @@ from torch import nn
 from ..ops.sparse_channel_attention import sparse_channel_attention
 from .input_checks import autocast_parameters, check_feature_map
 from .norm import LayerNorm2d
+from .pointwise import PointwiseConv2d
 
 
 def kept_per_row(d, topk):
@@ -66,7 +67,7 @@ class MultiInputAttention(nn.Module):
         self.q = self._depthwise(dim, bias)
         self.k = self._depthwise(dim, bias)
         self.v = self._depthwise(dim, bias)
-        self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
+        self.project_out = PointwiseConv2d(dim, dim, bias=bias, backend=backend)
 
     @staticmethod
     def _depthwise(dim, bias):
@@ -127,7 +128,7 @@ class MultiInputTransformerBlock(nn.Module):
         self.attn = MultiInputAttention(dim, num_heads, bias, topk=topk, backend=backend)
         self.norm2 = LayerNorm2d(dim, LayerNorm_type, backend=backend)
         self.ffn = feedforward(dim, ffn_expansion_factor, bias)
-        self.degradation_mask = nn.Conv2d(dim, dim, kernel_size=1, bias=True) if degradation_mask else None
+        self.degradation_mask = PointwiseConv2d(dim, dim, bias=True, backend=backend) if degradation_mask else None
 
     def forward(self, key, query, value):
         """Three (B, dim, H, W) maps -> (B, dim, H, W): ``value`` plus attention, plus FFN."""

@@ -39,6 +39,7 @@ from torch import nn
 from ..ops.block_sparse_attention import block_sparse_attention
 from .depthwise import depthwise
 from .input_checks import autocast_parameters, check_feature_map
+from .pointwise import PointwiseConv2d
 
 COMBINE_MODES = ("sum", "gate")
 COARSE_UPSAMPLE_MODES = ("nearest", "bilinear")
@@ -100,10 +101,10 @@ class RegionSelectionAttention(nn.Module):
         self.dim, self.num_heads, self.region_size = dim, num_heads, region_size
         self.topk_regions, self.topk_fraction = topk_regions, topk_fraction
         self.combine, self.coarse_upsample, self.backend = combine, coarse_upsample, backend
-        self.qkv = nn.Conv2d(dim, dim * 3, kernel_size=1, bias=bias)
+        self.qkv = PointwiseConv2d(dim, dim * 3, bias=bias, backend=backend)
         self.qkv_dwconv = nn.Conv2d(dim * 3, dim * 3, kernel_size=3, stride=1, padding=1, groups=dim * 3, bias=bias)
         self.combine_gate = nn.Parameter(torch.zeros(dim)) if combine == "gate" else None
-        self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
+        self.project_out = PointwiseConv2d(dim, dim, bias=bias, backend=backend)
 
     def forward(self, x):
         """(B, dim, H, W) -> (B, dim, H, W)."""
