@@ -143,8 +143,8 @@ class _FirstConvolution(TorchDispatchMode):
     as a convolution (reference) or as the matrix products of sparse_attn.nn.pointwise, whose
     operand of columns holds the map's H·W pixels."""
 
-    _PRODUCTS = {torch.ops.aten.mm.default: (0, 1), torch.ops.aten.addmm.default: (1, 2),
-                 torch.ops.aten.bmm.default: (0, 1), torch.ops.aten.baddbmm.default: (1, 2)}
+    _PRODUCTS = {torch.ops.aten.mm: (0, 1), torch.ops.aten.addmm: (1, 2), torch.ops.aten.bmm: (0, 1),
+                 torch.ops.aten.baddbmm: (1, 2)}  # operand positions, in every overload (.out too)
 
     def __init__(self, weight, width):
         super().__init__()
@@ -156,8 +156,8 @@ class _FirstConvolution(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten.convolution.default and self._is_weight(args[1]):
             self.heights.append(args[0].shape[-2])
-        elif func in self._PRODUCTS:
-            matrix, columns = (args[i] for i in self._PRODUCTS[func])
+        elif func.overloadpacket in self._PRODUCTS:
+            matrix, columns = (args[i] for i in self._PRODUCTS[func.overloadpacket])
             if self._is_weight(matrix):
                 self.heights.append(columns.shape[-1] // self.width)
         return func(*args, **(kwargs or {}))

@@ -23,11 +23,8 @@
 
 #include "common/gated_dwconv.h"
 #include "common/gated_dwconv_args.h"
+#include "cpu/isa.h"
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#define GDW_HAS_AVX2_CLONE 1
-#define GDW_AVX2 __attribute__((target("avx2,fma")))
-#endif
 #if defined(__GNUC__)
 #define GDW_INLINE inline __attribute__((always_inline))
 #else
@@ -253,21 +250,28 @@ void backward_tasks_portable(const Geometry& g, const Params<T>& p, const GradLa
   for (int64_t item = begin; item < end; ++item) backward_task<Act>(g, p, layout, grad_out, x, grad_x, partials, item, s);
 }
 
-#ifdef GDW_HAS_AVX2_CLONE
+#ifdef SA_HAS_ISA_CLONES
 template <int Act, typename T>
-GDW_AVX2 void forward_tasks_avx2(const Geometry& g, const Params<T>& p, const T* x, T* out, int64_t begin,
-                                 int64_t end, Scratch<T>& s) {
+SA_TARGET_AVX512 void forward_tasks_avx512(const Geometry& g, const Params<T>& p, const T* x, T* out, int64_t begin,
+                                           int64_t end, Scratch<T>& s) {
   for (int64_t item = begin; item < end; ++item) forward_task<Act>(g, p, x, out, item, s);
 }
 template <int Act, typename T>
-GDW_AVX2 void backward_tasks_avx2(const Geometry& g, const Params<T>& p, const GradLayout& layout,
-                                  const T* grad_out, const T* x, T* grad_x, double* partials, int64_t begin,
-                                  int64_t end, Scratch<T>& s) {
+SA_TARGET_AVX2 void forward_tasks_avx2(const Geometry& g, const Params<T>& p, const T* x, T* out, int64_t begin,
+                                       int64_t end, Scratch<T>& s) {
+  for (int64_t item = begin; item < end; ++item) forward_task<Act>(g, p, x, out, item, s);
+}
+template <int Act, typename T>
+SA_TARGET_AVX512 void backward_tasks_avx512(const Geometry& g, const Params<T>& p, const GradLayout& layout,
+                                            const T* grad_out, const T* x, T* grad_x, double* partials, int64_t begin,
+                                            int64_t end, Scratch<T>& s) {
   for (int64_t item = begin; item < end; ++item) backward_task<Act>(g, p, layout, grad_out, x, grad_x, partials, item, s);
 }
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
+template <int Act, typename T>
+SA_TARGET_AVX2 void backward_tasks_avx2(const Geometry& g, const Params<T>& p, const GradLayout& layout,
+                                        const T* grad_out, const T* x, T* grad_x, double* partials, int64_t begin,
+                                        int64_t end, Scratch<T>& s) {
+  for (int64_t item = begin; item < end; ++item) backward_task<Act>(g, p, layout, grad_out, x, grad_x, partials, item, s);
 }
 #endif
 
@@ -302,8 +306,9 @@ Tensor forward_cpu(const Tensor& x_in, const Tensor& weight_in, const std::optio
       constexpr int Act = decltype(code)::value;
       at::parallel_for(0, g.tasks(), grain_of(g), [&](int64_t begin, int64_t end) {
         Scratch<scalar_t> scratch;
-#ifdef GDW_HAS_AVX2_CLONE
-        if (cpu_has_avx2()) return forward_tasks_avx2<Act>(g, p, xp, op, begin, end, scratch);
+#ifdef SA_HAS_ISA_CLONES
+        if (cpu_isa() == Isa::kAvx512) return forward_tasks_avx512<Act>(g, p, xp, op, begin, end, scratch);
+        if (cpu_isa() == Isa::kAvx2) return forward_tasks_avx2<Act>(g, p, xp, op, begin, end, scratch);
 #endif
         forward_tasks_portable<Act>(g, p, xp, op, begin, end, scratch);
       });
@@ -331,8 +336,9 @@ BackwardResult backward_cpu(const Tensor& grad_out_in, const Tensor& x_in, const
         constexpr int Act = decltype(code)::value;
         at::parallel_for(0, g.tasks(), grain_of(g), [&](int64_t begin, int64_t end) {
           Scratch<scalar_t> scratch;
-#ifdef GDW_HAS_AVX2_CLONE
-          if (cpu_has_avx2()) return backward_tasks_avx2<Act>(g, p, layout, gp, xp, dxp, pp, begin, end, scratch);
+#ifdef SA_HAS_ISA_CLONES
+          if (cpu_isa() == Isa::kAvx512) return backward_tasks_avx512<Act>(g, p, layout, gp, xp, dxp, pp, begin, end, scratch);
+          if (cpu_isa() == Isa::kAvx2) return backward_tasks_avx2<Act>(g, p, layout, gp, xp, dxp, pp, begin, end, scratch);
 #endif
           backward_tasks_portable<Act>(g, p, layout, gp, xp, dxp, pp, begin, end, scratch);
         });

@@ -12,7 +12,7 @@
 // Backward: per block, the channel sums of g and g·ŷ, then dx; the weight and bias gradients are
 // summed per task (a fixed run of kChunk pixels of one image) into a row of partials and the rows
 // are added in order afterwards, so every result is independent of the number of threads.
-// On x86 the tasks are compiled a second time for AVX2+FMA and picked at run time.
+// On x86 the tasks are compiled for AVX2 and AVX-512 too and picked at run time (cpu/isa.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -23,11 +23,8 @@
 
 #include "common/layer_norm2d.h"
 #include "common/layer_norm2d_args.h"
+#include "cpu/isa.h"
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#define LN2D_HAS_AVX2_CLONE 1
-#define LN2D_AVX2 __attribute__((target("avx2,fma")))
-#endif
 #if defined(__GNUC__)
 #define LN2D_INLINE inline __attribute__((always_inline))
 #else
@@ -206,20 +203,26 @@ void backward_task_portable(const Geometry& g, const Params<T>& p, const T* grad
   backward_task(g, p, grad_out, x, mean, rstd, grad_x, partials, t);
 }
 
-#ifdef LN2D_HAS_AVX2_CLONE
+#ifdef SA_HAS_ISA_CLONES
 template <typename T>
-LN2D_AVX2 void forward_task_avx2(const Geometry& g, const Params<T>& p, const T* x, T* out, T* mean, T* rstd,
-                                 int64_t t) {
+SA_TARGET_AVX512 void forward_task_avx512(const Geometry& g, const Params<T>& p, const T* x, T* out, T* mean, T* rstd,
+                                          int64_t t) {
   forward_task(g, p, x, out, mean, rstd, t);
 }
 template <typename T>
-LN2D_AVX2 void backward_task_avx2(const Geometry& g, const Params<T>& p, const T* grad_out, const T* x,
-                                  const T* mean, const T* rstd, T* grad_x, double* partials, int64_t t) {
+SA_TARGET_AVX2 void forward_task_avx2(const Geometry& g, const Params<T>& p, const T* x, T* out, T* mean, T* rstd,
+                                      int64_t t) {
+  forward_task(g, p, x, out, mean, rstd, t);
+}
+template <typename T>
+SA_TARGET_AVX512 void backward_task_avx512(const Geometry& g, const Params<T>& p, const T* grad_out, const T* x,
+                                           const T* mean, const T* rstd, T* grad_x, double* partials, int64_t t) {
   backward_task(g, p, grad_out, x, mean, rstd, grad_x, partials, t);
 }
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
+template <typename T>
+SA_TARGET_AVX2 void backward_task_avx2(const Geometry& g, const Params<T>& p, const T* grad_out, const T* x,
+                                       const T* mean, const T* rstd, T* grad_x, double* partials, int64_t t) {
+  backward_task(g, p, grad_out, x, mean, rstd, grad_x, partials, t);
 }
 #endif
 
@@ -242,8 +245,12 @@ std::tuple<Tensor, Tensor, Tensor> forward_cpu(const Tensor& x_in, const Tensor&
              *rp = rstd.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, g.tasks(), grain_of(g), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-#ifdef LN2D_HAS_AVX2_CLONE
-        if (cpu_has_avx2()) {
+#ifdef SA_HAS_ISA_CLONES
+        if (cpu_isa() == Isa::kAvx512) {
+          forward_task_avx512(g, p, xp, op, mp, rp, t);
+          continue;
+        }
+        if (cpu_isa() == Isa::kAvx2) {
           forward_task_avx2(g, p, xp, op, mp, rp, t);
           continue;
         }
@@ -272,8 +279,12 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in, const
       double* pp = partials.mutable_data_ptr<double>();
       at::parallel_for(0, g.tasks(), grain_of(g), [&](int64_t begin, int64_t end) {
         for (int64_t t = begin; t < end; ++t) {
-#ifdef LN2D_HAS_AVX2_CLONE
-          if (cpu_has_avx2()) {
+#ifdef SA_HAS_ISA_CLONES
+          if (cpu_isa() == Isa::kAvx512) {
+            backward_task_avx512(g, p, gp, xp, mp, rp, dxp, pp, t);
+            continue;
+          }
+          if (cpu_isa() == Isa::kAvx2) {
             backward_task_avx2(g, p, gp, xp, mp, rp, dxp, pp, t);
             continue;
           }

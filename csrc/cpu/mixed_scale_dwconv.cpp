@@ -15,7 +15,7 @@
 // independent of the number of threads.
 //
 // Inner loops run along a row of the buffer (contiguous) so that the compiler vectorises them;
-// on x86 the tasks are compiled a second time for AVX2+FMA and picked at run time.
+// on x86 the tasks are compiled for AVX2 and AVX-512 too and picked at run time (cpu/isa.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -26,11 +26,8 @@
 
 #include "common/mixed_scale_dwconv.h"
 #include "common/mixed_scale_dwconv_args.h"
+#include "cpu/isa.h"
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#define MSDW_HAS_AVX2_CLONE 1
-#define MSDW_AVX2 __attribute__((target("avx2,fma")))
-#endif
 #if defined(__GNUC__)
 #define MSDW_INLINE inline __attribute__((always_inline))
 #else
@@ -213,7 +210,7 @@ MSDW_INLINE void masked_grad(const T* grad_plane, const T* out_plane, int64_t wi
 // The sum over the tile's pixels of a[p] * b[p + shift] (b's window moved by `shift` elements),
 // in a fixed order: kLanes running sums (which the compiler keeps in vector registers) per row,
 // added into double lanes after each row.
-constexpr int64_t kLanes = 8;
+constexpr int64_t kLanes = 32;  // four independent AVX2 chains: one chain waits on its own adds
 
 template <typename T>
 MSDW_INLINE double tile_dot(const T* __restrict a, const T* __restrict b, const Tile& tile) {
@@ -366,21 +363,28 @@ void backward_task_portable(const Geometry& g, const Params<T>& p, const GradLay
   backward_task(g, p, layout, grad_out, x, out, grad_x, partials, item, s);
 }
 
-#ifdef MSDW_HAS_AVX2_CLONE
+#ifdef SA_HAS_ISA_CLONES
 template <typename T>
-MSDW_AVX2 void forward_task_avx2(const Geometry& g, const Params<T>& p, const T* x, T* out, int64_t item,
-                                 ForwardScratch<T>& s) {
+SA_TARGET_AVX512 void forward_task_avx512(const Geometry& g, const Params<T>& p, const T* x, T* out, int64_t item,
+                                          ForwardScratch<T>& s) {
   forward_task(g, p, x, out, item, s);
 }
 template <typename T>
-MSDW_AVX2 void backward_task_avx2(const Geometry& g, const Params<T>& p, const GradLayout& layout,
-                                  const T* grad_out, const T* x, const T* out, T* grad_x, double* partials,
-                                  int64_t item, BackwardScratch<T>& s) {
+SA_TARGET_AVX2 void forward_task_avx2(const Geometry& g, const Params<T>& p, const T* x, T* out, int64_t item,
+                                      ForwardScratch<T>& s) {
+  forward_task(g, p, x, out, item, s);
+}
+template <typename T>
+SA_TARGET_AVX512 void backward_task_avx512(const Geometry& g, const Params<T>& p, const GradLayout& layout,
+                                           const T* grad_out, const T* x, const T* out, T* grad_x, double* partials,
+                                           int64_t item, BackwardScratch<T>& s) {
   backward_task(g, p, layout, grad_out, x, out, grad_x, partials, item, s);
 }
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
+template <typename T>
+SA_TARGET_AVX2 void backward_task_avx2(const Geometry& g, const Params<T>& p, const GradLayout& layout,
+                                       const T* grad_out, const T* x, const T* out, T* grad_x, double* partials,
+                                       int64_t item, BackwardScratch<T>& s) {
+  backward_task(g, p, layout, grad_out, x, out, grad_x, partials, item, s);
 }
 #endif
 
@@ -406,8 +410,12 @@ Tensor forward_cpu(const Tensor& x_in, const Tensor& w3_in, const Tensor& w5_in,
     at::parallel_for(0, g.batch * g.channels * g.tiles(), grain_of(g), [&](int64_t begin, int64_t end) {
       ForwardScratch<scalar_t> scratch;
       for (int64_t item = begin; item < end; ++item) {
-#ifdef MSDW_HAS_AVX2_CLONE
-        if (cpu_has_avx2()) {
+#ifdef SA_HAS_ISA_CLONES
+        if (cpu_isa() == Isa::kAvx512) {
+          forward_task_avx512(g, p, xp, op, item, scratch);
+          continue;
+        }
+        if (cpu_isa() == Isa::kAvx2) {
           forward_task_avx2(g, p, xp, op, item, scratch);
           continue;
         }
@@ -439,8 +447,12 @@ BackwardResult backward_cpu(
     at::parallel_for(0, g.batch * g.channels * g.tiles(), grain_of(g), [&](int64_t begin, int64_t end) {
       BackwardScratch<scalar_t> scratch;
       for (int64_t item = begin; item < end; ++item) {
-#ifdef MSDW_HAS_AVX2_CLONE
-        if (cpu_has_avx2()) {
+#ifdef SA_HAS_ISA_CLONES
+        if (cpu_isa() == Isa::kAvx512) {
+          backward_task_avx512(g, p, layout, gp, xp, op, dxp, pp, item, scratch);
+          continue;
+        }
+        if (cpu_isa() == Isa::kAvx2) {
           backward_task_avx2(g, p, layout, gp, xp, op, dxp, pp, item, scratch);
           continue;
         }
