@@ -24,6 +24,7 @@
 #include "common/gated_dwconv.h"
 #include "common/gated_dwconv_args.h"
 #include "cpu/isa.h"
+#include "cpu/window_correlation.h"
 
 #if defined(__GNUC__)
 #define GDW_INLINE inline __attribute__((always_inline))
@@ -42,7 +43,7 @@ constexpr int64_t kTileW = 128;
 constexpr int64_t kHalo = 2;  // the backward's dz on the tile widened by 1, from x widened by 2
 constexpr int64_t kLd = kTileW + 2 * kHalo;
 constexpr int64_t kFrame = (kTileH + 2 * kHalo) * kLd;
-constexpr int64_t kLanes = 32;  // running sums of a tile dot product: four independent AVX2 chains
+constexpr int64_t kLanes = 32;  // running sums of a tile sum: four independent AVX2 chains
 
 struct Span {
   int64_t begin, end;
@@ -158,25 +159,18 @@ GDW_INLINE void forward_task(const Geometry& g, const Params<T>& p, const T* x, 
   }
 }
 
-// The sum over the tile's pixels of a[p] * b[p + shift] (or of a[p] when b is null), in a fixed
-// order: kLanes running sums per row, added into double lanes after each row.
+// The sum of a over the tile's pixels, in a fixed order: kLanes running sums per row, added into
+// double lanes after each row.
 template <typename T>
-GDW_INLINE double tile_dot(const T* __restrict a, const T* __restrict b, const Tile& tile) {
+GDW_INLINE double tile_sum(const T* __restrict a, const Tile& tile) {
   const int64_t n = tile.j1 - tile.j0, n_full = n / kLanes * kLanes;
   double wide[kLanes] = {};
   for (int64_t i = kHalo; i < kHalo + tile.i1 - tile.i0; ++i) {
     const T* __restrict ar = a + i * kLd + kHalo;
-    const T* __restrict br = b ? b + i * kLd + kHalo : nullptr;
     T lanes[kLanes] = {};
-    if (br) {
-      for (int64_t j = 0; j < n_full; j += kLanes)
-        for (int64_t l = 0; l < kLanes; ++l) lanes[l] += ar[j + l] * br[j + l];
-      for (int64_t j = n_full; j < n; ++j) lanes[j - n_full] += ar[j] * br[j];
-    } else {
-      for (int64_t j = 0; j < n_full; j += kLanes)
-        for (int64_t l = 0; l < kLanes; ++l) lanes[l] += ar[j + l];
-      for (int64_t j = n_full; j < n; ++j) lanes[j - n_full] += ar[j];
-    }
+    for (int64_t j = 0; j < n_full; j += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) lanes[l] += ar[j + l];
+    for (int64_t j = n_full; j < n; ++j) lanes[j - n_full] += ar[j];
     for (int64_t l = 0; l < kLanes; ++l) wide[l] += lanes[l];
   }
   double sum = 0;
@@ -188,9 +182,11 @@ GDW_INLINE double tile_dot(const T* __restrict a, const T* __restrict b, const T
 template <typename T>
 GDW_INLINE void backward_channel(const T* dz, const T* x, const T* taps_in, const Tile& tile, int64_t width,
                                  double* weight_partial, double* bias_partial, T* grad_x_plane) {
-  for (int ty = 0; ty < 3; ++ty)
-    for (int tx = 0; tx < 3; ++tx) weight_partial[ty * 3 + tx] = tile_dot(dz, x + (ty - 1) * kLd + (tx - 1), tile);
-  *bias_partial = tile_dot<T>(dz, nullptr, tile);
+  std::fill(weight_partial, weight_partial + 9, 0.0);
+  const int64_t origin = kHalo * kLd + kHalo;  // the tile's first pixel in the frames
+  correlate_window<3>(dz + origin, kLd, x + origin - kLd - 1, kLd, 1, tile.i1 - tile.i0, tile.j1 - tile.j0,
+                      weight_partial);
+  *bias_partial = tile_sum(dz, tile);
   T taps[9];
   std::copy(taps_in, taps_in + 9, taps);
   for (int64_t i = kHalo; i < kHalo + tile.i1 - tile.i0; ++i) {
@@ -233,7 +229,7 @@ GDW_INLINE void backward_task(const Geometry& g, const Params<T>& p, const GradL
                    partial + layout.bias + ca, grad_x + (b * g.channels + ca) * g.plane());
   backward_channel(s.dz_b.data(), s.b.data(), taps_b, tile, g.width, partial + layout.weight + cb * 9,
                    partial + layout.bias + cb, grad_x + (b * g.channels + cb) * g.plane());
-  if (Act == kPrelu) partial[layout.slope + grp] = tile_dot<T>(s.slope.data(), nullptr, tile);
+  if (Act == kPrelu) partial[layout.slope + grp] = tile_sum(s.slope.data(), tile);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@
 #include "common/mixed_scale_dwconv.h"
 #include "common/mixed_scale_dwconv_args.h"
 #include "cpu/isa.h"
+#include "cpu/window_correlation.h"
 
 #if defined(__GNUC__)
 #define MSDW_INLINE inline __attribute__((always_inline))
@@ -207,35 +208,15 @@ MSDW_INLINE void masked_grad(const T* grad_plane, const T* out_plane, int64_t wi
   }
 }
 
-// The sum over the tile's pixels of a[p] * b[p + shift] (b's window moved by `shift` elements),
-// in a fixed order: kLanes running sums (which the compiler keeps in vector registers) per row,
-// added into double lanes after each row.
-constexpr int64_t kLanes = 32;  // four independent AVX2 chains: one chain waits on its own adds
+constexpr int64_t kLanes = 32;  // running sums of tile_sum: four independent AVX2 chains
 
-template <typename T>
-MSDW_INLINE double tile_dot(const T* __restrict a, const T* __restrict b, const Tile& tile) {
-  const int64_t n = tile.j1 - tile.j0, n_full = n / kLanes * kLanes;
-  double wide[kLanes] = {};
-  for (int64_t i = kHalo; i < kHalo + tile.i1 - tile.i0; ++i) {
-    const T* __restrict ar = a + i * kLd + kHalo;
-    const T* __restrict br = b + i * kLd + kHalo;
-    T lanes[kLanes] = {};
-    for (int64_t j = 0; j < n_full; j += kLanes)
-      for (int64_t l = 0; l < kLanes; ++l) lanes[l] += ar[j + l] * br[j + l];
-    for (int64_t j = n_full; j < n; ++j) lanes[j - n_full] += ar[j] * br[j];
-    for (int64_t l = 0; l < kLanes; ++l) wide[l] += lanes[l];
-  }
-  double sum = 0;
-  for (int64_t l = 0; l < kLanes; ++l) sum += wide[l];
-  return sum;
-}
-
-// dst[t] = sum over the tile's pixels p of a[p] * b[p + t - r]: a weight gradient's partial.
+// dst[t] += sum over the tile's pixels p of a[p] * b[p + t - r]: a weight gradient's partial
+// (dst starts at zero: the partials are zeroed, and only this task writes these taps).
 template <int K, typename T>
 MSDW_INLINE void correlate(const T* a, const T* b, const Tile& tile, double* dst) {
   constexpr int64_t r = K / 2;
-  for (int ty = 0; ty < K; ++ty)
-    for (int tx = 0; tx < K; ++tx) dst[ty * K + tx] = tile_dot(a, b + (ty - r) * kLd + (tx - r), tile);
+  const int64_t origin = kHalo * kLd + kHalo;  // the tile's first pixel in the frames
+  correlate_window<K>(a + origin, kLd, b + origin - r * kLd - r, kLd, 1, tile.i1 - tile.i0, tile.j1 - tile.j0, dst);
 }
 
 // The sum of `a` over the tile's pixels (a bias gradient's partial), in the same fixed order.
