@@ -11,11 +11,19 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import sparse_attn
 from benchmarks.memory import saved_bytes
 from helpers import assert_matches_float64_reference, compiled_once
+from sparse_attn.nn import pointwise
 from sparse_attn.nn.pointwise import PointwiseConv2d, pointwise_conv2d, runs_as_products
 from sparse_attn.nn.recompute import saved_as_recipe
 
 SHAPES = [(1, 6, 9, 7, 10), (3, 5, 4, 6, 8), (1, 1, 1, 1, 1)]  # B, C_in, H, W, C_out
 _shape_id = lambda s: "B{}_Cin{}_{}x{}_Cout{}".format(*s)  # noqa: E731
+
+
+@pytest.fixture(autouse=True)
+def products_on_any_cpu(monkeypatch):
+    """The products run only on CPUs with AVX-512 (where they were measured faster); the tests
+    check them on any CPU."""
+    monkeypatch.setattr(pointwise, "PRODUCTS_ON_THIS_CPU", True)
 
 
 def _inputs(shape, bias, dtype=torch.float64, seed=0):
@@ -114,6 +122,13 @@ def test_where_the_products_run():
     assert not runs_as_products(x[:0], weight, "native")
     assert not runs_as_products(x.to("meta"), weight.to("meta"), "native")  # only CPU was measured
     assert pointwise_conv2d(x[:0], weight, bias, backend="native").shape == (0, 3, 5, 5)
+
+
+def test_other_cpus_keep_the_convolution(monkeypatch):
+    monkeypatch.setattr(pointwise, "PRODUCTS_ON_THIS_CPU", False)
+    x, weight, bias = _inputs((1, 4, 5, 5, 3), True, torch.float32)
+    assert not runs_as_products(x, weight, "native")
+    assert "convolution" in _ops_of(lambda: pointwise_conv2d(x, weight, bias, backend="native"))
 
 
 def test_module_is_a_conv2d_with_the_same_checkpoint():
