@@ -29,8 +29,10 @@ class ModuleTime:
 
 
 def _labelled_modules(model):
-    """The network's own modules (its classes, not torch.nn's building blocks)."""
-    return [m for m in model.modules() if type(m).__module__.split(".")[0] == "sparse_attn"]
+    """The network's own modules (its classes, not torch.nn's building blocks, nor our drop-in
+    versions of them such as PointwiseConv2d, whose time counts toward the block holding them)."""
+    return [m for m in model.modules()
+            if type(m).__module__.split(".")[0] == "sparse_attn" and not isinstance(m, torch.nn.Conv2d)]
 
 
 def module_breakdown(model, step):
