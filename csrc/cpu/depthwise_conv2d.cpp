@@ -8,8 +8,9 @@
 // Backward: dx = the rotated window sums over grad_out's frame; the weight's and bias's
 // gradients are written as one partial per task (in double) and summed afterwards in a fixed
 // order, so every result is independent of the number of threads.
-// On x86 the tasks are compiled a second time for AVX2+FMA and picked at run time; where the
-// CPU has AVX-512, the float forward runs its own kernel instead (row blocks, no frame: below).
+// On x86 the tasks are compiled a second time for AVX2+FMA, picked at run time (csrc/cpu/isa.h);
+// where the AVX-512 clones run, the float forward runs its own kernel instead (row blocks, no
+// frame: below), with the same bits; the double forward and the backward keep the AVX2 clone.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -21,12 +22,10 @@
 
 #include "common/depthwise_conv2d.h"
 #include "common/depthwise_conv2d_args.h"
+#include "cpu/isa.h"
 
-#if defined(__GNUC__) && defined(__x86_64__)
+#ifdef SA_HAS_ISA_CLONES
 #include <immintrin.h>
-#define DWC_HAS_AVX2_CLONE 1
-#define DWC_AVX2 __attribute__((target("avx2,fma")))
-#define DWC_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,fma")))
 #endif
 #if defined(__GNUC__)
 #define DWC_INLINE inline __attribute__((always_inline))
@@ -186,7 +185,7 @@ DWC_INLINE void backward_task(const Geometry& g, const T* weight, const T* grad_
   }
 }
 
-#ifdef DWC_HAS_AVX2_CLONE
+#ifdef SA_HAS_ISA_CLONES
 // ---------------------------------------------------------------------------------------------
 // The float forward on AVX-512: row blocks, read straight from the input
 // ---------------------------------------------------------------------------------------------
@@ -228,7 +227,7 @@ DWC_INLINE __mmask16 lanes(int64_t lo, int64_t hi) {
 // when known at compile time (1 and 2, the networks'), else 0. An Edge block is one vector wide
 // and masks tap column j's loads with masks[j] and its stores with `store`.
 template <int K, int D, int R, int B, bool Edge>
-DWC_AVX512 DWC_INLINE void row_block_avx512(const float* const* rows, int64_t left, int dilation,
+SA_TARGET_AVX512 DWC_INLINE void row_block_avx512(const float* const* rows, int64_t left, int dilation,
                                             const float* taps, __m512 shift, float* dst, int64_t dst_step,
                                             const __mmask16* masks, __mmask16 store, bool stream) {
   static_assert(!Edge || B == 1, "an edge block is one vector wide");
@@ -288,7 +287,7 @@ struct Image {
 // window stays inside the image, else one masked vector at a time. Then the rest of `count`
 // rows in groups of R/2, R/4, ..., 1.
 template <int K, int D, int R>
-DWC_AVX512 DWC_INLINE void phase_rows_avx512(const Image& im, int64_t y, int64_t count, const float* taps,
+SA_TARGET_AVX512 DWC_INLINE void phase_rows_avx512(const Image& im, int64_t y, int64_t count, const float* taps,
                                              __m512 shift, Prefetch& prefetch) {
   constexpr int B = kVectors;
   const int64_t d = D ? D : im.dilation, width = im.width, reach = im.reach;
@@ -320,7 +319,7 @@ DWC_AVX512 DWC_INLINE void phase_rows_avx512(const Image& im, int64_t y, int64_t
 
 // One (image, channel, band): the band's rows phase by phase (y0 + p, y0 + p + d, ...).
 template <int K, int D>
-DWC_AVX512 void forward_task_avx512(const Geometry& g, const float* weight, const float* bias, const float* x,
+SA_TARGET_AVX512 void forward_task_avx512(const Geometry& g, const float* weight, const float* bias, const float* x,
                                     float* out, const float* zeros, bool stream, int64_t item, int64_t end) {
   const Task t = task_of(g, item);
   const int64_t offset = (t.b * g.channels + t.c) * g.plane(), d = g.dilation;
@@ -342,7 +341,7 @@ DWC_AVX512 void forward_task_avx512(const Geometry& g, const float* weight, cons
 }
 
 template <int K>
-DWC_AVX512 void forward_tasks_avx512(const Geometry& g, const float* w, const float* bias, const float* x, float* out,
+SA_TARGET_AVX512 void forward_tasks_avx512(const Geometry& g, const float* w, const float* bias, const float* x, float* out,
                                      int64_t begin, int64_t end) {
   const std::vector<float> zeros(g.width);
   const bool stream = g.batch * g.channels * g.plane() * int64_t(sizeof(float)) >= kStreamBytes &&
@@ -373,26 +372,16 @@ void backward_tasks_portable(const Geometry& g, const T* w, const T* grad_out, c
   for (int64_t item = begin; item < end; ++item) backward_task<K>(g, w, grad_out, x, grad_x, partials, item, s);
 }
 
-#ifdef DWC_HAS_AVX2_CLONE
+#ifdef SA_HAS_ISA_CLONES
 template <int K, typename T>
-DWC_AVX2 void forward_tasks_avx2(const Geometry& g, const T* w, const T* bias, const T* x, T* out, int64_t begin,
+SA_TARGET_AVX2 void forward_tasks_avx2(const Geometry& g, const T* w, const T* bias, const T* x, T* out, int64_t begin,
                                  int64_t end, Scratch<T>& s) {
   for (int64_t item = begin; item < end; ++item) forward_task<K>(g, w, bias, x, out, item, s);
 }
 template <int K, typename T>
-DWC_AVX2 void backward_tasks_avx2(const Geometry& g, const T* w, const T* grad_out, const T* x, T* grad_x,
+SA_TARGET_AVX2 void backward_tasks_avx2(const Geometry& g, const T* w, const T* grad_out, const T* x, T* grad_x,
                                   double* partials, int64_t begin, int64_t end, Scratch<T>& s) {
   for (int64_t item = begin; item < end; ++item) backward_task<K>(g, w, grad_out, x, grad_x, partials, item, s);
-}
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
-bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-                          __builtin_cpu_supports("fma");
-  return has;
 }
 #endif
 
@@ -409,13 +398,13 @@ Tensor forward_cpu(const Tensor& x_in, const Tensor& weight_in, const std::optio
     with_kernel_size(g.kernel, [&](auto size) {
       constexpr int K = decltype(size)::value;
       at::parallel_for(0, g.tasks(), grain_of(g), [&](int64_t begin, int64_t end) {
-#ifdef DWC_HAS_AVX2_CLONE
+#ifdef SA_HAS_ISA_CLONES
         if constexpr (std::is_same_v<scalar_t, float>)
-          if (cpu_has_avx512()) return forward_tasks_avx512<K>(g, wp, bp, xp, op, begin, end);
+          if (cpu_isa() == Isa::kAvx512) return forward_tasks_avx512<K>(g, wp, bp, xp, op, begin, end);
 #endif
         Scratch<scalar_t> scratch(g);
-#ifdef DWC_HAS_AVX2_CLONE
-        if (cpu_has_avx2()) return forward_tasks_avx2<K>(g, wp, bp, xp, op, begin, end, scratch);
+#ifdef SA_HAS_ISA_CLONES
+        if (cpu_isa() != Isa::kPortable) return forward_tasks_avx2<K>(g, wp, bp, xp, op, begin, end, scratch);
 #endif
         forward_tasks_portable<K>(g, wp, bp, xp, op, begin, end, scratch);
       });
@@ -443,8 +432,8 @@ BackwardResult backward_cpu(const Tensor& grad_out_in, const Tensor& x_in, const
       constexpr int K = decltype(size)::value;
       at::parallel_for(0, g.tasks(), grain_of(g), [&](int64_t begin, int64_t end) {
         Scratch<scalar_t> scratch(g);
-#ifdef DWC_HAS_AVX2_CLONE
-        if (cpu_has_avx2()) return backward_tasks_avx2<K>(g, wp, gp, xp, dxp, pp, begin, end, scratch);
+#ifdef SA_HAS_ISA_CLONES
+        if (cpu_isa() != Isa::kPortable) return backward_tasks_avx2<K>(g, wp, gp, xp, dxp, pp, begin, end, scratch);
 #endif
         backward_tasks_portable<K>(g, wp, gp, xp, dxp, pp, begin, end, scratch);
       });
