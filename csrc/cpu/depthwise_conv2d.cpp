@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -207,6 +208,7 @@ constexpr int kVectors = 2;  // B: vectors per block; R·B accumulators leave re
 // Outputs of more bytes than a core's L2 are written with streaming stores: no read for ownership.
 constexpr int64_t kStreamBytes = int64_t(4) << 20;
 
+// The next task's input rows, fetched into L2 a few lines per block while this task computes.
 struct Prefetch {
   const char* next = nullptr;
   int64_t lines = 0, per_block = 0;
@@ -228,8 +230,8 @@ DWC_INLINE __mmask16 lanes(int64_t lo, int64_t hi) {
 // and masks tap column j's loads with masks[j] and its stores with `store`.
 template <int K, int D, int R, int B, bool Edge>
 SA_TARGET_AVX512 DWC_INLINE void row_block_avx512(const float* const* rows, int64_t left, int dilation,
-                                            const float* taps, __m512 shift, float* dst, int64_t dst_step,
-                                            const __mmask16* masks, __mmask16 store, bool stream) {
+                                                  const float* taps, __m512 shift, float* dst, int64_t dst_step,
+                                                  const __mmask16* masks, __mmask16 store, bool stream) {
   static_assert(!Edge || B == 1, "an edge block is one vector wide");
   const int64_t d = D ? D : dilation;
   __m512 acc[R][B];
@@ -288,7 +290,7 @@ struct Image {
 // rows in groups of R/2, R/4, ..., 1.
 template <int K, int D, int R>
 SA_TARGET_AVX512 DWC_INLINE void phase_rows_avx512(const Image& im, int64_t y, int64_t count, const float* taps,
-                                             __m512 shift, Prefetch& prefetch) {
+                                                   __m512 shift, Prefetch& prefetch) {
   constexpr int B = kVectors;
   const int64_t d = D ? D : im.dilation, width = im.width, reach = im.reach;
   for (; count >= R; count -= R, y += R * d) {
@@ -320,7 +322,7 @@ SA_TARGET_AVX512 DWC_INLINE void phase_rows_avx512(const Image& im, int64_t y, i
 // One (image, channel, band): the band's rows phase by phase (y0 + p, y0 + p + d, ...).
 template <int K, int D>
 SA_TARGET_AVX512 void forward_task_avx512(const Geometry& g, const float* weight, const float* bias, const float* x,
-                                    float* out, const float* zeros, bool stream, int64_t item, int64_t end) {
+                                          float* out, const float* zeros, bool stream, int64_t item, int64_t end) {
   const Task t = task_of(g, item);
   const int64_t offset = (t.b * g.channels + t.c) * g.plane(), d = g.dilation;
   const Image im{x + offset, zeros, out + offset, g.height, g.width, g.reach, g.dilation, stream};
@@ -341,8 +343,8 @@ SA_TARGET_AVX512 void forward_task_avx512(const Geometry& g, const float* weight
 }
 
 template <int K>
-SA_TARGET_AVX512 void forward_tasks_avx512(const Geometry& g, const float* w, const float* bias, const float* x, float* out,
-                                     int64_t begin, int64_t end) {
+SA_TARGET_AVX512 void forward_tasks_avx512(const Geometry& g, const float* w, const float* bias, const float* x,
+                                           float* out, int64_t begin, int64_t end) {
   const std::vector<float> zeros(g.width);
   const bool stream = g.batch * g.channels * g.plane() * int64_t(sizeof(float)) >= kStreamBytes &&
                       reinterpret_cast<uintptr_t>(out) % 64 == 0 && g.width % kVec == 0;
@@ -375,12 +377,12 @@ void backward_tasks_portable(const Geometry& g, const T* w, const T* grad_out, c
 #ifdef SA_HAS_ISA_CLONES
 template <int K, typename T>
 SA_TARGET_AVX2 void forward_tasks_avx2(const Geometry& g, const T* w, const T* bias, const T* x, T* out, int64_t begin,
-                                 int64_t end, Scratch<T>& s) {
+                                       int64_t end, Scratch<T>& s) {
   for (int64_t item = begin; item < end; ++item) forward_task<K>(g, w, bias, x, out, item, s);
 }
 template <int K, typename T>
 SA_TARGET_AVX2 void backward_tasks_avx2(const Geometry& g, const T* w, const T* grad_out, const T* x, T* grad_x,
-                                  double* partials, int64_t begin, int64_t end, Scratch<T>& s) {
+                                        double* partials, int64_t begin, int64_t end, Scratch<T>& s) {
   for (int64_t item = begin; item < end; ++item) backward_task<K>(g, w, grad_out, x, grad_x, partials, item, s);
 }
 #endif
