@@ -25,9 +25,15 @@ GATED_SHAPES = [(2, 6, 5, 9), (1, 254, 9, 7), (2, 6, 1, 7), (1, 6, 7, 1), (1, 2,
 
 # (B, C, H, W, K, dilation). The CPU kernels compute blocks of 16 columns and bands of about 4096
 # pixels: images narrower than a block and than the window's reach (K = 7, dilation 2 reaches 6
-# pixels), ragged blocks and several bands; every kernel size, dilations 1 to 3.
+# pixels), ragged blocks and several bands; every kernel size, dilations 1 to 3. The AVX-512
+# forward computes 8 rows of a dilation phase by 32 columns where the window stays inside the
+# image, else 16 masked columns, and a phase's last rows in groups of 4, 2 and 1: the last five
+# cases reach those inside blocks for every kernel size and dilations 1, 2 and 3 (at 3 the
+# dilation is not a compile-time constant), with phases of 8 + 4 + 2 + 1 rows and one channel.
 DEPTHWISE_CASES = [(2, 3, 5, 9, 3, 1), (1, 4, 7, 37, 7, 2), (2, 5, 1, 1, 5, 1), (1, 3, 9, 4, 7, 1),
-                   (2, 6, 13, 19, 1, 1), (1, 2, 70, 133, 3, 2), (1, 3, 11, 40, 5, 3), (1, 48, 12, 16, 3, 1)]
+                   (2, 6, 13, 19, 1, 1), (1, 2, 70, 133, 3, 2), (1, 3, 11, 40, 5, 3), (1, 48, 12, 16, 3, 1),
+                   (1, 2, 30, 70, 7, 2), (2, 3, 21, 50, 3, 1), (1, 1, 29, 75, 7, 3), (1, 3, 15, 45, 1, 1),
+                   (1, 2, 19, 64, 5, 2)]
 
 
 def _generator(shape):

@@ -47,9 +47,10 @@ def _outputs_and_grads():
         ws = [randn(8, 1, 3, 3, dtype=dtype), randn(8, 1, 5, 5, dtype=dtype), randn(4, 2, 3, 3, dtype=dtype),
               randn(4, 2, 5, 5, dtype=dtype)]
         record(f"mixed_scale_dwconv {dtype}", sparse_attn.mixed_scale_dwconv(x, *ws, backend="native"), [x, *ws])
-        for k, dilation in ((3, 1), (7, 2), (5, 3)):
-            x, w, b = randn(2, 5, 37, 41, dtype=dtype), randn(5, 1, k, k, dtype=dtype), randn(5, dtype=dtype)
-            record(f"depthwise_conv2d {k}x{k} d{dilation} {dtype}",
+        # 75 columns: the AVX-512 float forward's unmasked blocks too (K = 7, dilation 3 reaches 9)
+        for k, dilation, width in ((3, 1, 41), (7, 2, 41), (5, 3, 41), (3, 1, 75), (7, 3, 75)):
+            x, w, b = randn(2, 5, 37, width, dtype=dtype), randn(5, 1, k, k, dtype=dtype), randn(5, dtype=dtype)
+            record(f"depthwise_conv2d {k}x{k} d{dilation} w{width} {dtype}",
                    sparse_attn.depthwise_conv2d(x, w, b, dilation, backend="native"), (x, w, b))
     return results
 

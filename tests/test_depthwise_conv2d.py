@@ -26,6 +26,13 @@ def test_native_matches_reference(case, bias, dtype):
     assert_depthwise_close("native", case, dtype, bias)
 
 
+@requires_native
+@pytest.mark.parametrize("case", [(1, 16, 256, 256, 7, 2), (1, 16, 256, 256, 3, 1)], ids=_case_id)
+def test_native_matches_reference_on_a_large_output(case):
+    # 4 MiB of float32 output, the size from which the AVX-512 forward writes with streaming stores
+    assert_depthwise_close("native", case, torch.float32, bias=True)
+
+
 @pytest.mark.parametrize("kernel,dilation", [(1, 1), (3, 1), (5, 2), (7, 2)])
 def test_reference_is_a_same_size_grouped_conv2d(kernel, dilation):
     x, weight, bias = depthwise_inputs((2, 4, 9, 8), kernel, torch.float64)

@@ -8,21 +8,25 @@
 // Backward: dx = the rotated window sums over grad_out's frame; the weight's and bias's
 // gradients are written as one partial per task (in double) and summed afterwards in a fixed
 // order, so every result is independent of the number of threads.
-// On x86 the tasks are compiled a second time for AVX2+FMA and picked at run time.
+// On x86 the tasks are compiled a second time for AVX2+FMA, picked at run time (csrc/cpu/isa.h);
+// where the AVX-512 clones run, the float forward runs its own kernel instead (row blocks, no
+// frame: below), with the same bits; the double forward and the backward keep the AVX2 clone.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "common/depthwise_conv2d.h"
 #include "common/depthwise_conv2d_args.h"
+#include "cpu/isa.h"
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#define DWC_HAS_AVX2_CLONE 1
-#define DWC_AVX2 __attribute__((target("avx2,fma")))
+#ifdef SA_HAS_ISA_CLONES
+#include <immintrin.h>
 #endif
 #if defined(__GNUC__)
 #define DWC_INLINE inline __attribute__((always_inline))
@@ -182,6 +186,180 @@ DWC_INLINE void backward_task(const Geometry& g, const T* weight, const T* grad_
   }
 }
 
+#ifdef SA_HAS_ISA_CLONES
+// ---------------------------------------------------------------------------------------------
+// The float forward on AVX-512: row blocks, read straight from the input
+// ---------------------------------------------------------------------------------------------
+// One row at a time, every tap costs a weight broadcast and an input load per FMA, so the loads
+// bound it. Here a block computes R output rows of one dilation phase (y, y + d, ..., y + (R-1)d)
+// over B vectors of 16 columns. Output row r's tap row i reads input row y + (r + i - half)·d,
+// so walking s = r + i = 0 .. R+K-2 and, for each, the tap columns j, one loaded vector feeds
+// the FMAs of every output row r with 0 <= s - r < K, and one broadcast weight feeds the B
+// vectors. Each output still adds its taps i-major, j-minor from zero, then the bias: the order
+// of window_sum and of the row kernel above.
+// There is no frame: rows above and below the image read a row of zeros, and the blocks whose
+// window crosses the left or right edge (or the image's last columns) mask their loads to the
+// image's columns (masked-off lanes read zero and never fault) and their stores to the width.
+// The copy into a frame cost about a fifth of the time; the next task's rows are prefetched
+// into L2 instead, a few lines per block.
+constexpr int kVec = 16;     // floats per AVX-512 register
+constexpr int kRows = 8;     // R: output rows per block
+constexpr int kVectors = 2;  // B: vectors per block; R·B accumulators leave registers for the rest
+// Outputs of more bytes than a core's L2 are written with streaming stores: no read for ownership.
+constexpr int64_t kStreamBytes = int64_t(4) << 20;
+
+// The next task's input rows, fetched into L2 a few lines per block while this task computes.
+struct Prefetch {
+  const char* next = nullptr;
+  int64_t lines = 0, per_block = 0;
+  DWC_INLINE void issue() {
+    for (int64_t n = std::min(per_block, lines); n > 0; --n, --lines, next += 64) _mm_prefetch(next, _MM_HINT_T1);
+  }
+};
+
+// Lanes [lo, hi) of a vector (clamped to 0 .. 16) as a mask.
+DWC_INLINE __mmask16 lanes(int64_t lo, int64_t hi) {
+  lo = std::max<int64_t>(lo, 0);
+  hi = std::min<int64_t>(hi, kVec);
+  return lo < hi ? static_cast<__mmask16>((1u << hi) - (1u << lo)) : 0;
+}
+
+// rows[s] is column 0 of input row y + (s - half)·d, or of the zero row; `left` = j0 - reach,
+// the input column under tap column 0 of the block's first output column j0. D is the dilation
+// when known at compile time (1 and 2, the networks'), else 0. An Edge block is one vector wide
+// and masks tap column j's loads with masks[j] and its stores with `store`.
+template <int K, int D, int R, int B, bool Edge>
+SA_TARGET_AVX512 DWC_INLINE void row_block_avx512(const float* const* rows, int64_t left, int dilation,
+                                                  const float* taps, __m512 shift, float* dst, int64_t dst_step,
+                                                  const __mmask16* masks, __mmask16 store, bool stream) {
+  static_assert(!Edge || B == 1, "an edge block is one vector wide");
+  const int64_t d = D ? D : dilation;
+  __m512 acc[R][B];
+  DWC_UNROLL
+  for (int r = 0; r < R; ++r)
+    DWC_UNROLL
+    for (int b = 0; b < B; ++b) acc[r][b] = _mm512_setzero_ps();
+  DWC_UNROLL
+  for (int s = 0; s < R + K - 1; ++s) {
+    const float* src = rows[s] + left;
+    DWC_UNROLL
+    for (int j = 0; j < K; ++j) {
+      // A fresh view of the weights for each tap column: otherwise the compiler hoists the
+      // broadcasts (up to 49 registers) and, short of registers, folds the input loads into every
+      // FMA instead; here a weight is broadcast just before its B FMAs.
+      const float* w = taps;
+      asm("" : "+r"(w));
+      __m512 v[B];
+      DWC_UNROLL
+      for (int b = 0; b < B; ++b)
+        v[b] = Edge ? _mm512_maskz_loadu_ps(masks[j], src + j * d) : _mm512_loadu_ps(src + j * d + b * kVec);
+      DWC_UNROLL
+      for (int r = (s < K ? 0 : s - K + 1); r <= (s < R ? s : R - 1); ++r) {
+        const __m512 tap = _mm512_set1_ps(w[(s - r) * K + j]);
+        DWC_UNROLL
+        for (int b = 0; b < B; ++b) acc[r][b] = _mm512_fmadd_ps(tap, v[b], acc[r][b]);
+      }
+    }
+  }
+  DWC_UNROLL
+  for (int r = 0; r < R; ++r)
+    DWC_UNROLL
+    for (int b = 0; b < B; ++b) {
+      float* out = dst + r * dst_step + b * kVec;
+      const __m512 sum = _mm512_add_ps(shift, acc[r][b]);
+      if (Edge)
+        _mm512_mask_storeu_ps(out, store, sum);
+      else if (stream)
+        _mm512_stream_ps(out, sum);
+      else
+        _mm512_storeu_ps(out, sum);
+    }
+}
+
+struct Image {
+  const float* plane;  // the input channel
+  const float* zeros;  // a row of zeros as long as the input's
+  float* out;          // the output channel
+  int64_t height, width;
+  int reach, dilation;
+  bool stream;  // output rows are 64-byte aligned and the output is large
+};
+
+// R output rows of one phase from row y: across the width in blocks of B vectors where the
+// window stays inside the image, else one masked vector at a time. Then the rest of `count`
+// rows in groups of R/2, R/4, ..., 1.
+template <int K, int D, int R>
+SA_TARGET_AVX512 DWC_INLINE void phase_rows_avx512(const Image& im, int64_t y, int64_t count, const float* taps,
+                                                   __m512 shift, Prefetch& prefetch) {
+  constexpr int B = kVectors;
+  const int64_t d = D ? D : im.dilation, width = im.width, reach = im.reach;
+  for (; count >= R; count -= R, y += R * d) {
+    const float* rows[R + K - 1];
+    for (int s = 0; s < R + K - 1; ++s) {
+      const int64_t iy = y + (s - (K - 1) / 2) * d;
+      rows[s] = iy >= 0 && iy < im.height ? im.plane + iy * width : im.zeros;
+    }
+    float* dst = im.out + y * width;
+    for (int64_t j0 = 0; j0 < width;) {
+      prefetch.issue();
+      if (j0 >= reach && j0 + B * kVec + reach <= width) {
+        row_block_avx512<K, D, R, B, false>(rows, j0 - reach, im.dilation, taps, shift, dst + j0, d * width, nullptr,
+                                            0, im.stream);
+        j0 += B * kVec;
+      } else {
+        __mmask16 masks[K];
+        for (int j = 0; j < K; ++j) masks[j] = lanes(reach - j0 - j * d, width + reach - j0 - j * d);
+        row_block_avx512<K, D, R, 1, true>(rows, j0 - reach, im.dilation, taps, shift, dst + j0, d * width, masks,
+                                           lanes(0, width - j0), false);
+        j0 += kVec;
+      }
+    }
+  }
+  if constexpr (R > 1)
+    if (count > 0) phase_rows_avx512<K, D, R / 2>(im, y, count, taps, shift, prefetch);
+}
+
+// One (image, channel, band): the band's rows phase by phase (y0 + p, y0 + p + d, ...).
+template <int K, int D>
+SA_TARGET_AVX512 void forward_task_avx512(const Geometry& g, const float* weight, const float* bias, const float* x,
+                                          float* out, const float* zeros, bool stream, int64_t item, int64_t end) {
+  const Task t = task_of(g, item);
+  const int64_t offset = (t.b * g.channels + t.c) * g.plane(), d = g.dilation;
+  const Image im{x + offset, zeros, out + offset, g.height, g.width, g.reach, g.dilation, stream};
+  float taps[K * K] = {};
+  std::copy(weight + t.c * K * K, weight + (t.c + 1) * K * K, taps);
+  const __m512 shift = _mm512_set1_ps(bias ? bias[t.c] : 0.0f);
+  Prefetch prefetch;
+  if (item + 1 < end) {
+    const Task n = task_of(g, item + 1);
+    const int64_t first = std::max<int64_t>(n.y0 - g.reach, 0), last = std::min<int64_t>(n.y1 + g.reach, g.height);
+    prefetch.next = reinterpret_cast<const char*>(x + (n.b * g.channels + n.c) * g.plane() + first * g.width);
+    prefetch.lines = ((last - first) * g.width * int64_t(sizeof(float)) + 63) / 64;
+    const int64_t blocks = (t.y1 - t.y0 + kRows - 1) / kRows * ((g.width + kVec - 1) / kVec);  // about
+    prefetch.per_block = prefetch.lines / blocks + 1;
+  }
+  for (int64_t p = 0; p < std::min<int64_t>(d, t.y1 - t.y0); ++p)
+    phase_rows_avx512<K, D, kRows>(im, t.y0 + p, (t.y1 - t.y0 - p + d - 1) / d, taps, shift, prefetch);
+}
+
+template <int K>
+SA_TARGET_AVX512 void forward_tasks_avx512(const Geometry& g, const float* w, const float* bias, const float* x,
+                                           float* out, int64_t begin, int64_t end) {
+  const std::vector<float> zeros(g.width);
+  const bool stream = g.batch * g.channels * g.plane() * int64_t(sizeof(float)) >= kStreamBytes &&
+                      reinterpret_cast<uintptr_t>(out) % 64 == 0 && g.width % kVec == 0;
+  for (int64_t item = begin; item < end; ++item) {
+    if (g.dilation == 1)
+      forward_task_avx512<K, 1>(g, w, bias, x, out, zeros.data(), stream, item, end);
+    else if (g.dilation == 2)
+      forward_task_avx512<K, 2>(g, w, bias, x, out, zeros.data(), stream, item, end);
+    else
+      forward_task_avx512<K, 0>(g, w, bias, x, out, zeros.data(), stream, item, end);
+  }
+  if (stream) _mm_sfence();  // streaming stores are weakly ordered: publish them before returning
+}
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // Run-time choice of the instruction set, and the task loops
 // ---------------------------------------------------------------------------------------------
@@ -196,20 +374,16 @@ void backward_tasks_portable(const Geometry& g, const T* w, const T* grad_out, c
   for (int64_t item = begin; item < end; ++item) backward_task<K>(g, w, grad_out, x, grad_x, partials, item, s);
 }
 
-#ifdef DWC_HAS_AVX2_CLONE
+#ifdef SA_HAS_ISA_CLONES
 template <int K, typename T>
-DWC_AVX2 void forward_tasks_avx2(const Geometry& g, const T* w, const T* bias, const T* x, T* out, int64_t begin,
-                                 int64_t end, Scratch<T>& s) {
+SA_TARGET_AVX2 void forward_tasks_avx2(const Geometry& g, const T* w, const T* bias, const T* x, T* out, int64_t begin,
+                                       int64_t end, Scratch<T>& s) {
   for (int64_t item = begin; item < end; ++item) forward_task<K>(g, w, bias, x, out, item, s);
 }
 template <int K, typename T>
-DWC_AVX2 void backward_tasks_avx2(const Geometry& g, const T* w, const T* grad_out, const T* x, T* grad_x,
-                                  double* partials, int64_t begin, int64_t end, Scratch<T>& s) {
+SA_TARGET_AVX2 void backward_tasks_avx2(const Geometry& g, const T* w, const T* grad_out, const T* x, T* grad_x,
+                                        double* partials, int64_t begin, int64_t end, Scratch<T>& s) {
   for (int64_t item = begin; item < end; ++item) backward_task<K>(g, w, grad_out, x, grad_x, partials, item, s);
-}
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
 }
 #endif
 
@@ -226,9 +400,13 @@ Tensor forward_cpu(const Tensor& x_in, const Tensor& weight_in, const std::optio
     with_kernel_size(g.kernel, [&](auto size) {
       constexpr int K = decltype(size)::value;
       at::parallel_for(0, g.tasks(), grain_of(g), [&](int64_t begin, int64_t end) {
+#ifdef SA_HAS_ISA_CLONES
+        if constexpr (std::is_same_v<scalar_t, float>)
+          if (cpu_isa() == Isa::kAvx512) return forward_tasks_avx512<K>(g, wp, bp, xp, op, begin, end);
+#endif
         Scratch<scalar_t> scratch(g);
-#ifdef DWC_HAS_AVX2_CLONE
-        if (cpu_has_avx2()) return forward_tasks_avx2<K>(g, wp, bp, xp, op, begin, end, scratch);
+#ifdef SA_HAS_ISA_CLONES
+        if (cpu_isa() != Isa::kPortable) return forward_tasks_avx2<K>(g, wp, bp, xp, op, begin, end, scratch);
 #endif
         forward_tasks_portable<K>(g, wp, bp, xp, op, begin, end, scratch);
       });
@@ -256,8 +434,8 @@ BackwardResult backward_cpu(const Tensor& grad_out_in, const Tensor& x_in, const
       constexpr int K = decltype(size)::value;
       at::parallel_for(0, g.tasks(), grain_of(g), [&](int64_t begin, int64_t end) {
         Scratch<scalar_t> scratch(g);
-#ifdef DWC_HAS_AVX2_CLONE
-        if (cpu_has_avx2()) return backward_tasks_avx2<K>(g, wp, gp, xp, dxp, pp, begin, end, scratch);
+#ifdef SA_HAS_ISA_CLONES
+        if (cpu_isa() != Isa::kPortable) return backward_tasks_avx2<K>(g, wp, gp, xp, dxp, pp, begin, end, scratch);
 #endif
         backward_tasks_portable<K>(g, wp, gp, xp, dxp, pp, begin, end, scratch);
       });
