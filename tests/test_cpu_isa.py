@@ -1,6 +1,7 @@
 """The CPU kernels' instruction-set clones (csrc/cpu/isa.h): the AVX2 clone gives the very bits of
-the AVX-512 one, and the portable clone (which rounds a*b+c twice where the others fuse it) agrees
-to rounding. Each clone runs in a subprocess whose SPARSE_ATTN_CPU_ISA caps the choice (the
+the AVX-512 one (outputs and input gradients; the depthwise kernels' weight gradients are summed
+in another order there, csrc/cpu/window_correlation.h, and agree to rounding), and the portable
+clone (which rounds a*b+c twice where the others fuse it) agrees to rounding. Each clone runs in a subprocess whose SPARSE_ATTN_CPU_ISA caps the choice (the
 kernels decide once per process); this file is also that subprocess's script."""
 import os
 import subprocess
@@ -73,7 +74,15 @@ def test_avx2_clone_gives_the_avx512_clones_bits(widest, tmp_path):
     capped = _run_capped("avx2", tmp_path)
     for name, tensors in widest.items():
         for i, (a, b) in enumerate(zip(tensors, capped[name])):
-            assert torch.equal(a, b), f"{name}, tensor {i}: the AVX2 clone differs"
+            if i >= 2 and not name.startswith("layer_norm2d"):  # a weight's gradient: another order of sums
+                _assert_agree_to_rounding(a, b, f"{name}, tensor {i}")
+            else:
+                assert torch.equal(a, b), f"{name}, tensor {i}: the AVX2 clone differs"
+
+
+def _assert_agree_to_rounding(a, b, what):
+    scale, eps = a.abs().max().item(), torch.finfo(a.dtype).eps
+    assert (a - b).abs().max().item() <= 64 * eps * scale, f"{what}: the clones disagree beyond rounding"
 
 
 @pytest.mark.skipif("avx2" not in _cpu_flags(), reason="this CPU has no AVX2: every call runs the portable clone")
@@ -82,9 +91,7 @@ def test_portable_clone_agrees_to_rounding(widest, tmp_path):
     differs = False
     for name, tensors in widest.items():
         for a, b in zip(tensors, capped[name]):
-            scale = a.abs().max().item()
-            eps = torch.finfo(a.dtype).eps
-            assert (a - b).abs().max().item() <= 64 * eps * scale, f"{name}: portable and widest clones disagree"
+            _assert_agree_to_rounding(a, b, name)
             differs |= not torch.equal(a, b)
     assert differs, "no result changed: SPARSE_ATTN_CPU_ISA=portable did not reach the kernels"
 

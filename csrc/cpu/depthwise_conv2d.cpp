@@ -10,7 +10,8 @@
 // order, so every result is independent of the number of threads.
 // On x86 the tasks are compiled a second time for AVX2+FMA, picked at run time (csrc/cpu/isa.h);
 // where the AVX-512 clones run, the float forward runs its own kernel instead (row blocks, no
-// frame: below), with the same bits; the double forward and the backward keep the AVX2 clone.
+// frame: below), with the same bits; the double forward keeps the AVX2 clone, and the backward has
+// an AVX-512 clone of its own.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -24,6 +25,7 @@
 #include "common/depthwise_conv2d.h"
 #include "common/depthwise_conv2d_args.h"
 #include "cpu/isa.h"
+#include "cpu/window_correlation.h"
 
 #ifdef SA_HAS_ISA_CLONES
 #include <immintrin.h>
@@ -136,25 +138,19 @@ DWC_INLINE void forward_task(const Geometry& g, const T* weight, const T* bias, 
                        out + offset + y * g.width);
 }
 
-// The sum over a row of a[j] * b[j] (or of a[j] when b is null) in kLanes running sums (several
-// vector registers, so that the adds do not wait on each other).
+// The sum over a row of a[j] in kLanes running sums (several vector registers, so that the adds
+// do not wait on each other).
 template <typename T>
-DWC_INLINE void row_dot(const T* __restrict a, const T* __restrict b, int64_t n, T* __restrict lanes) {
+DWC_INLINE void row_sum(const T* __restrict a, int64_t n, T* __restrict lanes) {
   const int64_t n_full = n / kLanes * kLanes;
-  if (b) {
-    for (int64_t j = 0; j < n_full; j += kLanes)
-      for (int64_t l = 0; l < kLanes; ++l) lanes[l] += a[j + l] * b[j + l];
-    for (int64_t j = n_full; j < n; ++j) lanes[j - n_full] += a[j] * b[j];
-  } else {
-    for (int64_t j = 0; j < n_full; j += kLanes)
-      for (int64_t l = 0; l < kLanes; ++l) lanes[l] += a[j + l];
-    for (int64_t j = n_full; j < n; ++j) lanes[j - n_full] += a[j];
-  }
+  for (int64_t j = 0; j < n_full; j += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += a[j + l];
+  for (int64_t j = n_full; j < n; ++j) lanes[j - n_full] += a[j];
 }
 
 // One (image, channel, band) of the backward: dx over the band, and the band's partial sums of
-// the weight's gradient (tap by tap) and of the bias's.
-template <int K, typename T>
+// the weight's gradient (csrc/cpu/window_correlation.h: one pass per window row) and of the bias's.
+template <int K, bool OnePass, typename T>
 DWC_INLINE void backward_task(const Geometry& g, const T* weight, const T* grad_out, const T* x, T* grad_x,
                               double* partials, int64_t item, Scratch<T>& s) {
   const Task t = task_of(g, item);
@@ -164,26 +160,22 @@ DWC_INLINE void backward_task(const Geometry& g, const T* weight, const T* grad_
   load_frame(g, x + offset, t, s.frame.data());
   T taps[K * K] = {};
   std::copy(weight + t.c * K * K, weight + (t.c + 1) * K * K, taps);
-  double wide[K * K + 1][kLanes] = {};
+  double wide[kLanes] = {};
+  // grad_out's own rows sit `reach` rows and columns into the frame.
+  const T* grad_rows = s.grad_frame.data() + g.reach * ld + g.reach;
   for (int64_t y = t.y0; y < t.y1; ++y) {
-    const T* __restrict grad_window = s.grad_frame.data() + (y - t.y0) * ld;
-    conv_row<K, true>(grad_window, ld, dilation, taps, T(0), g.width, grad_x + offset + y * g.width);
-    // grad_out's own row sits `reach` rows and columns into its window.
-    const T* grad_row = grad_window + g.reach * ld + g.reach;
-    const T* x_window = s.frame.data() + (y - t.y0) * ld;
-    for (int tap = 0; tap <= K * K; ++tap) {
-      T lanes[kLanes] = {};
-      const T* x_row = tap < K * K ? x_window + ((tap / K) * ld + tap % K) * dilation : nullptr;
-      row_dot(grad_row, x_row, g.width, lanes);
-      for (int64_t l = 0; l < kLanes; ++l) wide[tap][l] += lanes[l];
-    }
+    conv_row<K, true>(s.grad_frame.data() + (y - t.y0) * ld, ld, dilation, taps, T(0), g.width,
+                      grad_x + offset + y * g.width);
+    T lanes[kLanes] = {};
+    row_sum(grad_rows + (y - t.y0) * ld, g.width, lanes);
+    for (int64_t l = 0; l < kLanes; ++l) wide[l] += lanes[l];
   }
   double* partial = partials + (t.b * g.bands + t.band) * g.partial_row() + t.c * (K * K + 1);
-  for (int tap = 0; tap <= K * K; ++tap) {
-    double sum = 0;
-    for (int64_t l = 0; l < kLanes; ++l) sum += wide[tap][l];
-    partial[tap] = sum;
-  }
+  std::fill(partial, partial + K * K, 0.0);
+  correlate_window<K, OnePass>(grad_rows, ld, s.frame.data(), ld, dilation, t.y1 - t.y0, g.width, partial);
+  double sum = 0;
+  for (int64_t l = 0; l < kLanes; ++l) sum += wide[l];
+  partial[K * K] = sum;
 }
 
 #ifdef SA_HAS_ISA_CLONES
@@ -371,7 +363,7 @@ void forward_tasks_portable(const Geometry& g, const T* w, const T* bias, const 
 template <int K, typename T>
 void backward_tasks_portable(const Geometry& g, const T* w, const T* grad_out, const T* x, T* grad_x,
                              double* partials, int64_t begin, int64_t end, Scratch<T>& s) {
-  for (int64_t item = begin; item < end; ++item) backward_task<K>(g, w, grad_out, x, grad_x, partials, item, s);
+  for (int64_t item = begin; item < end; ++item) backward_task<K, false>(g, w, grad_out, x, grad_x, partials, item, s);
 }
 
 #ifdef SA_HAS_ISA_CLONES
@@ -383,7 +375,12 @@ SA_TARGET_AVX2 void forward_tasks_avx2(const Geometry& g, const T* w, const T* b
 template <int K, typename T>
 SA_TARGET_AVX2 void backward_tasks_avx2(const Geometry& g, const T* w, const T* grad_out, const T* x, T* grad_x,
                                         double* partials, int64_t begin, int64_t end, Scratch<T>& s) {
-  for (int64_t item = begin; item < end; ++item) backward_task<K>(g, w, grad_out, x, grad_x, partials, item, s);
+  for (int64_t item = begin; item < end; ++item) backward_task<K, false>(g, w, grad_out, x, grad_x, partials, item, s);
+}
+template <int K, typename T>
+SA_TARGET_AVX512 void backward_tasks_avx512(const Geometry& g, const T* w, const T* grad_out, const T* x,
+                                            T* grad_x, double* partials, int64_t begin, int64_t end, Scratch<T>& s) {
+  for (int64_t item = begin; item < end; ++item) backward_task<K, true>(g, w, grad_out, x, grad_x, partials, item, s);
 }
 #endif
 
@@ -435,7 +432,9 @@ BackwardResult backward_cpu(const Tensor& grad_out_in, const Tensor& x_in, const
       at::parallel_for(0, g.tasks(), grain_of(g), [&](int64_t begin, int64_t end) {
         Scratch<scalar_t> scratch(g);
 #ifdef SA_HAS_ISA_CLONES
-        if (cpu_isa() != Isa::kPortable) return backward_tasks_avx2<K>(g, wp, gp, xp, dxp, pp, begin, end, scratch);
+        if (cpu_isa() == Isa::kAvx512)
+          return backward_tasks_avx512<K>(g, wp, gp, xp, dxp, pp, begin, end, scratch);
+        if (cpu_isa() == Isa::kAvx2) return backward_tasks_avx2<K>(g, wp, gp, xp, dxp, pp, begin, end, scratch);
 #endif
         backward_tasks_portable<K>(g, wp, gp, xp, dxp, pp, begin, end, scratch);
       });

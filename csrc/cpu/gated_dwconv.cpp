@@ -179,12 +179,12 @@ GDW_INLINE double tile_sum(const T* __restrict a, const Tile& tile) {
 }
 
 // One channel's weight and bias partials and its dx over the tile, from its dz and x frames.
-template <typename T>
+template <bool OnePass, typename T>
 GDW_INLINE void backward_channel(const T* dz, const T* x, const T* taps_in, const Tile& tile, int64_t width,
                                  double* weight_partial, double* bias_partial, T* grad_x_plane) {
   std::fill(weight_partial, weight_partial + 9, 0.0);
   const int64_t origin = kHalo * kLd + kHalo;  // the tile's first pixel in the frames
-  correlate_window<3>(dz + origin, kLd, x + origin - kLd - 1, kLd, 1, tile.i1 - tile.i0, tile.j1 - tile.j0,
+  correlate_window<3, OnePass>(dz + origin, kLd, x + origin - kLd - 1, kLd, 1, tile.i1 - tile.i0, tile.j1 - tile.j0,
                       weight_partial);
   *bias_partial = tile_sum(dz, tile);
   T taps[9];
@@ -197,7 +197,7 @@ GDW_INLINE void backward_channel(const T* dz, const T* x, const T* taps_in, cons
 }
 
 // One (batch, group, tile) of the backward.
-template <int Act, typename T>
+template <int Act, bool OnePass, typename T>
 GDW_INLINE void backward_task(const Geometry& g, const Params<T>& p, const GradLayout& layout, const T* grad_out,
                               const T* x, T* grad_x, double* partials, int64_t item, Scratch<T>& s) {
   const int64_t t = item % g.tiles(), grp = (item / g.tiles()) % g.hidden, b = item / (g.tiles() * g.hidden);
@@ -225,9 +225,9 @@ GDW_INLINE void backward_task(const Geometry& g, const Params<T>& p, const GradL
                        s.slope.data() + row);
   }
   double* partial = partials + (b * g.tiles() + t) * layout.total;
-  backward_channel(s.dz_a.data(), s.a.data(), taps_a, tile, g.width, partial + layout.weight + ca * 9,
+  backward_channel<OnePass>(s.dz_a.data(), s.a.data(), taps_a, tile, g.width, partial + layout.weight + ca * 9,
                    partial + layout.bias + ca, grad_x + (b * g.channels + ca) * g.plane());
-  backward_channel(s.dz_b.data(), s.b.data(), taps_b, tile, g.width, partial + layout.weight + cb * 9,
+  backward_channel<OnePass>(s.dz_b.data(), s.b.data(), taps_b, tile, g.width, partial + layout.weight + cb * 9,
                    partial + layout.bias + cb, grad_x + (b * g.channels + cb) * g.plane());
   if (Act == kPrelu) partial[layout.slope + grp] = tile_sum(s.slope.data(), tile);
 }
@@ -243,7 +243,7 @@ void forward_tasks_portable(const Geometry& g, const Params<T>& p, const T* x, T
 template <int Act, typename T>
 void backward_tasks_portable(const Geometry& g, const Params<T>& p, const GradLayout& layout, const T* grad_out,
                              const T* x, T* grad_x, double* partials, int64_t begin, int64_t end, Scratch<T>& s) {
-  for (int64_t item = begin; item < end; ++item) backward_task<Act>(g, p, layout, grad_out, x, grad_x, partials, item, s);
+  for (int64_t item = begin; item < end; ++item) backward_task<Act, false>(g, p, layout, grad_out, x, grad_x, partials, item, s);
 }
 
 #ifdef SA_HAS_ISA_CLONES
@@ -261,13 +261,13 @@ template <int Act, typename T>
 SA_TARGET_AVX512 void backward_tasks_avx512(const Geometry& g, const Params<T>& p, const GradLayout& layout,
                                             const T* grad_out, const T* x, T* grad_x, double* partials, int64_t begin,
                                             int64_t end, Scratch<T>& s) {
-  for (int64_t item = begin; item < end; ++item) backward_task<Act>(g, p, layout, grad_out, x, grad_x, partials, item, s);
+  for (int64_t item = begin; item < end; ++item) backward_task<Act, true>(g, p, layout, grad_out, x, grad_x, partials, item, s);
 }
 template <int Act, typename T>
 SA_TARGET_AVX2 void backward_tasks_avx2(const Geometry& g, const Params<T>& p, const GradLayout& layout,
                                         const T* grad_out, const T* x, T* grad_x, double* partials, int64_t begin,
                                         int64_t end, Scratch<T>& s) {
-  for (int64_t item = begin; item < end; ++item) backward_task<Act>(g, p, layout, grad_out, x, grad_x, partials, item, s);
+  for (int64_t item = begin; item < end; ++item) backward_task<Act, false>(g, p, layout, grad_out, x, grad_x, partials, item, s);
 }
 #endif
 

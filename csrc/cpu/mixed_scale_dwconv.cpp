@@ -212,11 +212,11 @@ constexpr int64_t kLanes = 32;  // running sums of tile_sum: four independent AV
 
 // dst[t] += sum over the tile's pixels p of a[p] * b[p + t - r]: a weight gradient's partial
 // (dst starts at zero: the partials are zeroed, and only this task writes these taps).
-template <int K, typename T>
+template <int K, bool OnePass, typename T>
 MSDW_INLINE void correlate(const T* a, const T* b, const Tile& tile, double* dst) {
   constexpr int64_t r = K / 2;
   const int64_t origin = kHalo * kLd + kHalo;  // the tile's first pixel in the frames
-  correlate_window<K>(a + origin, kLd, b + origin - r * kLd - r, kLd, 1, tile.i1 - tile.i0, tile.j1 - tile.j0, dst);
+  correlate_window<K, OnePass>(a + origin, kLd, b + origin - r * kLd - r, kLd, 1, tile.i1 - tile.i0, tile.j1 - tile.j0, dst);
 }
 
 // The sum of `a` over the tile's pixels (a bias gradient's partial), in the same fixed order.
@@ -276,7 +276,7 @@ struct BackwardScratch {
 
 // The gradient through one first-stage map of the task's input channel; adds its part of dx
 // into s.dx and writes its weight and bias partials into `partial` (this task's row).
-template <int K1, int K2, typename T>
+template <int K1, int K2, bool OnePass, typename T>
 MSDW_INLINE void backward_map(const Geometry& g, const Params<T>& p, const GradLayout& layout, int kind, int64_t c,
                               const T* grad_out, const T* out, int64_t b, const Tile& tile,
                               BackwardScratch<T>& s, double* partial) {
@@ -291,21 +291,21 @@ MSDW_INLINE void backward_map(const Geometry& g, const Params<T>& p, const GradL
 
   const int64_t g2 = o < g.hidden ? o : o - g.hidden;
   const int64_t w2_offset = (o < g.hidden ? layout.w3_1 : layout.w5_1) + (g2 * 2 + reader.slot) * K2 * K2;
-  correlate<K2>(s.dz.data(), s.y.data(), tile, partial + w2_offset);
+  correlate<K2, OnePass>(s.dz.data(), s.y.data(), tile, partial + w2_offset);
   if (reader.slot == 0) {  // the slot-0 task owns the output channel's bias
     partial[(o < g.hidden ? layout.b3_1 : layout.b5_1) + g2] = tile_sum(s.dz.data(), tile);
   }
 
   back_through_stage_two<K2>(s.dz.data(), s.y.data(), p.stage_two_taps(o, reader.slot, g.hidden),
                              tile.rows(r1, g.height), tile.cols(r1, g.width), s.dy.data());
-  correlate<K1>(s.dy.data(), s.x.data(), tile, partial + (kind == kKind3 ? layout.w3 : layout.w5) + c * K1 * K1);
+  correlate<K1, OnePass>(s.dy.data(), s.x.data(), tile, partial + (kind == kKind3 ? layout.w3 : layout.w5) + c * K1 * K1);
   partial[(kind == kKind3 ? layout.b3 : layout.b5) + c] = tile_sum(s.dy.data(), tile);
 
   back_through_stage_one<K1>(s.dy.data(), p.stage_one_taps(kind, c), tile, s.dx.data());
 }
 
 // One (batch, input channel, tile) of the backward.
-template <typename T>
+template <bool OnePass, typename T>
 MSDW_INLINE void backward_task(const Geometry& g, const Params<T>& p, const GradLayout& layout, const T* grad_out,
                                const T* x, const T* out, T* grad_x, double* partials, int64_t item,
                                BackwardScratch<T>& s) {
@@ -318,10 +318,10 @@ MSDW_INLINE void backward_task(const Geometry& g, const Params<T>& p, const Grad
   for (int kind : {kKind3, kKind5}) {
     const int k2 = stage_two_kernel_size(consumer_of(kind, static_cast<int>(c), static_cast<int>(g.hidden)).out_channel,
                                          static_cast<int>(g.hidden));
-    if (kind == kKind3 && k2 == 3) backward_map<3, 3>(g, p, layout, kind, c, grad_out, out, b, tile, s, partial);
-    else if (kind == kKind3) backward_map<3, 5>(g, p, layout, kind, c, grad_out, out, b, tile, s, partial);
-    else if (k2 == 3) backward_map<5, 3>(g, p, layout, kind, c, grad_out, out, b, tile, s, partial);
-    else backward_map<5, 5>(g, p, layout, kind, c, grad_out, out, b, tile, s, partial);
+    if (kind == kKind3 && k2 == 3) backward_map<3, 3, OnePass>(g, p, layout, kind, c, grad_out, out, b, tile, s, partial);
+    else if (kind == kKind3) backward_map<3, 5, OnePass>(g, p, layout, kind, c, grad_out, out, b, tile, s, partial);
+    else if (k2 == 3) backward_map<5, 3, OnePass>(g, p, layout, kind, c, grad_out, out, b, tile, s, partial);
+    else backward_map<5, 5, OnePass>(g, p, layout, kind, c, grad_out, out, b, tile, s, partial);
   }
   T* dst = grad_x + x_plane;
   for (int64_t i = tile.i0; i < tile.i1; ++i)
@@ -341,7 +341,7 @@ template <typename T>
 void backward_task_portable(const Geometry& g, const Params<T>& p, const GradLayout& layout, const T* grad_out,
                             const T* x, const T* out, T* grad_x, double* partials, int64_t item,
                             BackwardScratch<T>& s) {
-  backward_task(g, p, layout, grad_out, x, out, grad_x, partials, item, s);
+  backward_task<false>(g, p, layout, grad_out, x, out, grad_x, partials, item, s);
 }
 
 #ifdef SA_HAS_ISA_CLONES
@@ -359,13 +359,13 @@ template <typename T>
 SA_TARGET_AVX512 void backward_task_avx512(const Geometry& g, const Params<T>& p, const GradLayout& layout,
                                            const T* grad_out, const T* x, const T* out, T* grad_x, double* partials,
                                            int64_t item, BackwardScratch<T>& s) {
-  backward_task(g, p, layout, grad_out, x, out, grad_x, partials, item, s);
+  backward_task<true>(g, p, layout, grad_out, x, out, grad_x, partials, item, s);
 }
 template <typename T>
 SA_TARGET_AVX2 void backward_task_avx2(const Geometry& g, const Params<T>& p, const GradLayout& layout,
                                        const T* grad_out, const T* x, const T* out, T* grad_x, double* partials,
                                        int64_t item, BackwardScratch<T>& s) {
-  backward_task(g, p, layout, grad_out, x, out, grad_x, partials, item, s);
+  backward_task<false>(g, p, layout, grad_out, x, out, grad_x, partials, item, s);
 }
 #endif
 
