@@ -11,8 +11,8 @@
 // both channels (written by this task only). Weight, bias and slope gradients are written as one
 // partial per (batch, tile) and summed afterwards in a fixed order, so every result is
 // independent of the number of threads.
-// Inner loops run along a row of the buffer (contiguous); on x86 the tasks are compiled a second
-// time for AVX2+FMA and picked at run time.
+// Inner loops run along a row of the buffer (contiguous); on x86 the tasks are compiled for AVX2
+// and AVX-512 too and picked at run time (cpu/isa.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -185,7 +185,7 @@ GDW_INLINE void backward_channel(const T* dz, const T* x, const T* taps_in, cons
   std::fill(weight_partial, weight_partial + 9, 0.0);
   const int64_t origin = kHalo * kLd + kHalo;  // the tile's first pixel in the frames
   correlate_window<3, OnePass>(dz + origin, kLd, x + origin - kLd - 1, kLd, 1, tile.i1 - tile.i0, tile.j1 - tile.j0,
-                      weight_partial);
+                               weight_partial);
   *bias_partial = tile_sum(dz, tile);
   T taps[9];
   std::copy(taps_in, taps_in + 9, taps);

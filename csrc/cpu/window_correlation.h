@@ -2,7 +2,8 @@
 // window, the sum over a patch of pixels p of a[p] * b[p + offset(t)] (a: the gradient at the
 // convolution's output, b: its input).
 //
-// Summed tap by tap, each sum is a pass over both maps: two loads per multiply-add. Here one pass
+// Summed tap by tap, each sum is a pass over both maps: two loads per multiply-add. The one-pass
+// form (the AVX-512 clones'; the others keep the tap-by-tap form, at the end) makes one pass
 // per row of the window: a block of kCorrelationBlock pixels of a is loaded once and multiplied
 // with the K shifted blocks of b that the window row reads, into K register blocks of running
 // sums, so a load feeds about one multiply-add. The running sums go into double lanes every few
