@@ -29,14 +29,16 @@ SA_HOST_DEVICE inline int reach(int k, int dilation) { return (k - 1) / 2 * dila
 
 // The window sum at one pixel: `window` points at the window's top-left input element (the
 // pixel's position shifted up and left by the reach) in a row-major map of row stride `ld`;
-// taps are row-major K x K.
+// taps are row-major K x K, summed column by column (j-major): the CPU's AVX-512 forward keeps
+// one tap column's weights in registers (csrc/cpu/depthwise_conv2d.cpp), and every kernel adds
+// in its order so that the CPU clones agree bit for bit.
 template <int K, typename T>
 SA_HOST_DEVICE inline T window_sum(const T* window, long ld, int dilation, const T* taps) {
   T acc = T(0);
   DWC_UNROLL
-  for (int i = 0; i < K; ++i)
+  for (int j = 0; j < K; ++j)
     DWC_UNROLL
-    for (int j = 0; j < K; ++j) acc += taps[i * K + j] * window[(i * ld + j) * dilation];
+    for (int i = 0; i < K; ++i) acc += taps[i * K + j] * window[(i * ld + j) * dilation];
   return acc;
 }
 
@@ -46,9 +48,9 @@ template <int K, typename T>
 SA_HOST_DEVICE inline T flipped_window_sum(const T* window, long ld, int dilation, const T* taps) {
   T acc = T(0);
   DWC_UNROLL
-  for (int i = 0; i < K; ++i)
+  for (int j = 0; j < K; ++j)
     DWC_UNROLL
-    for (int j = 0; j < K; ++j) acc += taps[(K - 1 - i) * K + (K - 1 - j)] * window[(i * ld + j) * dilation];
+    for (int i = 0; i < K; ++i) acc += taps[(K - 1 - i) * K + (K - 1 - j)] * window[(i * ld + j) * dilation];
   return acc;
 }
 
