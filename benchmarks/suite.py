@@ -41,8 +41,8 @@ def cases(groups, sweep, match=None):
 def run(groups, opts, sweep="quick", results_dir=report.RESULTS_DIR, write=True, stream=sys.stdout, wide=False,
         match=None):
     """Measure every case of ``groups`` (those matching ``match``: see :func:`cases`), print the
-    summary (``wide``: the whole table) and the Targets, append the CSV rows and draw the plots.
-    Returns the rows."""
+    summary (``wide``: the whole table) and the Targets, append the CSV rows and draw the plots,
+    then print the groups' own sections (the models' profiles and largest image). Returns the rows."""
     started = time.perf_counter()
     rows = []
     for case in cases(groups, sweep, match):
@@ -59,10 +59,6 @@ def run(groups, opts, sweep="quick", results_dir=report.RESULTS_DIR, write=True,
         print(report.LEGEND, file=stream)
     else:
         print(report.render_summary(rows, title), file=stream)
-    for group in groups:  # a group may add a section of its own (the models: largest image)
-        section = getattr(group_module(group), "section", None)
-        if section is not None:
-            print(section(rows, opts, sweep), file=stream)
     targets = [t for group in groups for t in getattr(group_module(group), "targets", lambda rows: [])(rows)]
     if targets:
         print("\nTargets (reports, not assertions)", file=stream)
@@ -72,6 +68,12 @@ def run(groups, opts, sweep="quick", results_dir=report.RESULTS_DIR, write=True,
         device_type = opts.device.split(":")[0]
         for path in report.append_csv(rows, env, results_dir) + report.plot(rows, env, device_type, results_dir):
             print(f"wrote {path}", file=stream)
+    # The sections come last: they run more steps (the models' profiles and largest image), and
+    # a run that dies in one (killed for memory, say) has still reported and saved its rows.
+    for group in groups:
+        section = getattr(group_module(group), "section", None)
+        if section is not None:
+            print(section(rows, opts, sweep), file=stream, flush=True)
     print(f"({time.perf_counter() - started:.0f} s)", file=stream)
     return rows
 

@@ -1,10 +1,12 @@
 """The benchmark harness itself: rows, table, CSV, plots, memory counters and arithmetic.
 (The benchmarks' figures are reports, checked by nobody's assert; the harness is tested here.)"""
 import csv
+import io
 import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -49,6 +51,25 @@ def test_failing_backends_become_rows_not_crashes():
     table = report.render_table(add_speedups(rows), "title")
     assert "unavailable: RuntimeError: no kernel for this op here" in table
     assert "skipped: left out of a quick run" in table
+
+
+def test_rows_are_reported_and_saved_before_a_section_that_dies(tmp_path, monkeypatch):
+    # A group's section runs more steps (the models' profiles): a run killed there, for memory
+    # say, must already have printed its targets and written its rows.
+    def dying_section(rows, opts, sweep):
+        raise MemoryError("killed while profiling")
+
+    tiny = types.SimpleNamespace(
+        default_specs=lambda sweep: [{}],
+        make_case=lambda spec: _tiny_case([Variant("eager", lambda d, t: torch.tanh, EAGER)]),
+        targets=lambda rows: [report.Target("0", "tiny op", 1.0, ">=", 0.5)], section=dying_section)
+    monkeypatch.setattr(suite, "group_module", lambda group: tiny)
+    stream = io.StringIO()
+    with pytest.raises(MemoryError):
+        suite.run(["tiny"], QUICK, results_dir=tmp_path, stream=stream)
+    assert "PASS  tiny op" in stream.getvalue()
+    with open(tmp_path / "tiny.csv") as f:
+        assert [row["backend"] for row in csv.DictReader(f)] == ["eager"]
 
 
 def test_a_measured_row_has_times_saved_bytes_and_errors():
