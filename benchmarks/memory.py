@@ -37,7 +37,9 @@ def saved_bytes(fn):
         # Keyed by address and device: a saved tensor stays alive in the graph, so no two live
         # storages share an address.
         storages[(storage.device, storage.data_ptr())] = storage.nbytes()
-        return tensor
+        # Detached: a saved output kept with its grad_fn would hold its own graph, a cycle
+        # through C++ that no garbage collection frees (the step is not run backward here).
+        return tensor.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         result = fn()

@@ -1,12 +1,14 @@
 """The benchmark harness itself: rows, table, CSV, plots, memory counters and arithmetic.
 (The benchmarks' figures are reports, checked by nobody's assert; the harness is tested here.)"""
 import csv
+import gc
 import io
 import json
 import os
 import subprocess
 import sys
 import types
+import weakref
 
 import pytest
 import torch
@@ -135,6 +137,18 @@ def test_saved_bytes_counts_each_storage_once():
 
     nbytes, _ = memory.saved_bytes(fn)
     assert nbytes == 4000 + 4000 + 4000 + 2000
+
+
+def test_saved_bytes_lets_the_graph_go():
+    # tanh saves its output: a pack hook that kept the live output would keep the graph alive
+    # after the caller drops it (a benchmark run grew by a gigabyte per network this way).
+    x = torch.randn(1000, requires_grad=True)
+    nbytes, out = memory.saved_bytes(lambda: torch.tanh(x))
+    assert nbytes == 4000
+    storage = weakref.ref(out.untyped_storage())
+    del out
+    gc.collect()
+    assert storage() is None
 
 
 def test_speedup_arithmetic():

@@ -13,7 +13,7 @@ def _saved_storages(fn):
 
     def pack(tensor):
         seen.add(tensor.untyped_storage().data_ptr())
-        return tensor
+        return tensor.detach()  # a live saved output would hold its own graph (benchmarks/memory.py)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         result = fn()
@@ -82,7 +82,7 @@ def test_gated_ffn_keeps_no_gate_output_off_the_reference_backend():
 
         def pack(tensor):
             storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-            return tensor
+            return tensor.detach()
 
         with sparse_attn.use_backend(backend), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = ffn(x)

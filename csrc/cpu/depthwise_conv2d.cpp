@@ -194,8 +194,8 @@ DWC_INLINE void backward_task(const Geometry& g, const T* weight, const T* grad_
 // about as many load slots as FMAs; how well GCC then allocated registers swung with the tuning
 // flags (82-165 GFLOP/s in-cache on one core of this AVX-512 Xeon, standalone). With a column's
 // K weights in registers the load slots are about half the FMAs: 145-176 GFLOP/s whatever the
-// flags (aligned loads, the FMA ceiling, reach ~210). In the op, 7x7 dilation 2, one thread, C48
-// 256²: 3.18 -> 2.46 ms.
+// flags (the same loop with aligned loads, at the FMA ceiling: ~210). In the op, 7x7 dilation 2,
+// one thread, C48 256²: 3.18 -> 2.46 ms.
 // There is no frame: rows above and below the image read a row of zeros, and the blocks whose
 // window crosses the left or right edge (or the image's last columns) mask their loads to the
 // image's columns (masked-off lanes read zero and never fault) and their stores to the width.
