@@ -21,8 +21,8 @@ _shape_id = lambda s: "B{}_Cin{}_{}x{}_Cout{}".format(*s)  # noqa: E731
 
 @pytest.fixture(autouse=True)
 def products_on_any_cpu(monkeypatch):
-    """The products run only on CPUs with AVX-512 (where they were measured faster); the tests
-    check them on any CPU."""
+    """The products run only on CPUs where they were measured faster (AVX-512, or Intel with
+    AVX2); the tests check them on any CPU."""
     monkeypatch.setattr(pointwise, "PRODUCTS_ON_THIS_CPU", True)
 
 
@@ -129,6 +129,16 @@ def test_other_cpus_keep_the_convolution(monkeypatch):
     x, weight, bias = _inputs((1, 4, 5, 5, 3), True, torch.float32)
     assert not runs_as_products(x, weight, "native")
     assert "convolution" in _ops_of(lambda: pointwise_conv2d(x, weight, bias, backend="native"))
+
+
+@pytest.mark.parametrize("capability, vendor, expected", [
+    ("AVX512", "GenuineIntel", True), ("AVX512", "AuthenticAMD", True), ("AVX2", "GenuineIntel", True),
+    ("AVX2", "AuthenticAMD", False),  # measured 0.6-1.1x the convolution there
+    ("DEFAULT", "GenuineIntel", False), ("AVX2", "", False)])
+def test_where_the_products_pay(monkeypatch, capability, vendor, expected):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(pointwise, "_cpu_vendor", lambda: vendor)
+    assert pointwise._products_pay_here() is expected
 
 
 def test_module_is_a_conv2d_with_the_same_checkpoint():

@@ -5,8 +5,10 @@ A 1x1 convolution of a (B, C_in, H, W) map is the product of its (C_out, C_in) w
 image's (C_in, H·W) columns. On an AVX-512 CPU (an Intel Xeon, fp32, two threads) PyTorch's CPU
 convolution runs these shapes well below what the same product gets from ``torch.mm``: 40–290
 GFLOP/s forward (slowest where C_in is small at full resolution) against 220–380, and 110–280
-against 220–350 for the backward. On an AVX2-only CPU (an AMD EPYC, an earlier measurement) the
-product was 0.6–1.1× the convolution. So off the ``reference`` backend, on a CPU with AVX-512,
+against 220–350 for the backward. With the same machine held to AVX2 (PyTorch's kernels, oneDNN
+and MKL capped), Restormer's training step gained 1.21× -> 1.44× from the products; on an
+AVX2-only AMD EPYC (an earlier measurement) the product was 0.6–1.1× the convolution. So off the
+``reference`` backend, on a CPU with AVX-512 or an Intel CPU with AVX2,
 :class:`PointwiseConv2d` computes the products itself. The module keeps ``nn.Conv2d``'s
 parameters, so checkpoints load unchanged, and elsewhere (``reference``, other CPUs, CUDA, where
 nothing was measured, autocast, empty batches) it is the convolution itself.
@@ -81,14 +83,28 @@ class _Products(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
-# Where the products were measured faster than the convolution (see the module's docstring).
-PRODUCTS_ON_THIS_CPU = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+def _cpu_vendor():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":")[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+def _products_pay_here():
+    """Where the products were measured faster than the convolution (the module's docstring)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return capability.startswith("AVX512") or (capability == "AVX2" and _cpu_vendor() == "GenuineIntel")
+
+
+PRODUCTS_ON_THIS_CPU = _products_pay_here()
 
 
 def runs_as_products(x, weight, backend="auto"):
     """Whether the 1x1 convolution of ``x`` by ``weight`` runs as matrix products: off the
     ``reference`` backend (as requested: "auto" follows ``use_backend``), on a non-empty map of
-    floats in the weight's dtype on a CPU with AVX-512 (:data:`PRODUCTS_ON_THIS_CPU`), outside
+    floats in the weight's dtype on a CPU with AVX-512 or an Intel one with AVX2
+    (:data:`PRODUCTS_ON_THIS_CPU`), outside
     autocast."""
     return (PRODUCTS_ON_THIS_CPU and requested(backend) != "reference" and x.device.type == "cpu" and x.dim() == 4
             and x.shape[0] > 0 and x.dtype in (torch.float32, torch.float64) and x.dtype == weight.dtype
