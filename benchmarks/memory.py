@@ -27,6 +27,14 @@ _CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 _CHILD_TIMEOUT_S = 1800
 
 
+def child_env():
+    """The environment of a memory-measuring child process: the allocator settings above, and
+    the repository on PYTHONPATH so that ``benchmarks`` imports from any working directory."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return dict(os.environ, **_CHILD_ENV,
+                PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+
+
 def saved_bytes(fn):
     """Bytes autograd saves for backward while ``fn()`` runs (each storage once). Returns
     (bytes, fn's result); the result keeps the saved tensors alive until the caller drops it."""
@@ -122,11 +130,8 @@ def peak_bytes(case, variant, mode, device, warmup=True, limit_bytes=None):
         return peak_in_process(case, variant, mode, device, warmup)
     payload = {"group": case.group, "spec": case.spec, "variant": variant, "mode": mode, "device": str(device),
                "warmup": warmup}
-    env = dict(os.environ, **_CHILD_ENV)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     child = subprocess.Popen([sys.executable, "-m", "benchmarks.memory_child", json.dumps(payload)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
     deadline = time.monotonic() + _CHILD_TIMEOUT_S
     while child.poll() is None:
         rss_kib = _proc_status_kib(child.pid, "VmRSS")

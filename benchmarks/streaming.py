@@ -284,7 +284,7 @@ def main(argv=None):
     import subprocess
     import sys
 
-    from .memory import _CHILD_ENV
+    from .memory import child_env
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.streaming",
                                      description="Peak memory and time of forward, forward_streaming and tiled "
@@ -311,8 +311,7 @@ def main(argv=None):
     if args.child:
         print(json.dumps(_measure_child(args.model, args.side, args.backend, args.ways, args.band_rows)))
         return
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, **_CHILD_ENV, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    env = child_env()
     results = {}
     label = f"{args.model} {args.side}x{args.side} {args.backend}"
     for how in args.ways.split(","):

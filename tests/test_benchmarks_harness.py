@@ -4,7 +4,6 @@ import csv
 import gc
 import io
 import json
-import os
 import subprocess
 import sys
 import types
@@ -201,10 +200,8 @@ def test_cpu_peak_of_a_known_allocation():
     nbytes = 64 * 2**20
     script = ("import torch; from benchmarks import memory; "
               f"print(memory.cpu_peak_bytes_here(lambda: torch.ones({nbytes // 4}).sum()))")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, **memory._CHILD_ENV)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=memory.child_env(),
+                          check=True)
     peak = int(done.stdout.split()[-1])
     # RSS moves by pages for reasons of its own (other buffers freed meanwhile): a few percent.
     assert 0.95 * nbytes <= peak < nbytes + 16 * 2**20

@@ -1,8 +1,9 @@
 """The CPU kernels' instruction-set clones (csrc/cpu/isa.h): the AVX2 clone gives the very bits of
 the AVX-512 one (outputs and input gradients; the depthwise kernels' weight gradients are summed
 in another order there, csrc/cpu/window_correlation.h, and agree to rounding), and the portable
-clone (which rounds a*b+c twice where the others fuse it) agrees to rounding. Each clone runs in a subprocess whose SPARSE_ATTN_CPU_ISA caps the choice (the
-kernels decide once per process); this file is also that subprocess's script."""
+clone (which rounds a*b+c twice where the others fuse it) agrees to rounding. Each clone runs in a
+subprocess whose SPARSE_ATTN_CPU_ISA caps the choice (the kernels decide once per process); this
+file is also that subprocess's script."""
 import os
 import subprocess
 import sys
