@@ -43,7 +43,6 @@ namespace {
 using at::Tensor;
 
 constexpr int64_t kBandPixels = 4096;  // a band's frame stays within L1 at the networks' widths
-constexpr int64_t kLanes = 32;  // running sums of a row's dot product: four independent AVX2 chains
 constexpr int64_t kBlock = 16;  // output columns per register block: two AVX2 registers of floats
 
 struct Geometry {
@@ -138,19 +137,9 @@ DWC_INLINE void forward_task(const Geometry& g, const T* weight, const T* bias, 
                        out + offset + y * g.width);
 }
 
-// The sum over a row of a[j] in kLanes running sums (several vector registers, so that the adds
-// do not wait on each other).
-template <typename T>
-DWC_INLINE void row_sum(const T* __restrict a, int64_t n, T* __restrict lanes) {
-  const int64_t n_full = n / kLanes * kLanes;
-  for (int64_t j = 0; j < n_full; j += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += a[j + l];
-  for (int64_t j = n_full; j < n; ++j) lanes[j - n_full] += a[j];
-}
-
 // One (image, channel, band) of the backward: dx over the band, and the band's partial sums of
 // the weight's gradient (csrc/cpu/window_correlation.h: one pass per window row) and of the bias's.
-template <int K, bool OnePass, typename T>
+template <int K, int64_t Block, typename T>
 DWC_INLINE void backward_task(const Geometry& g, const T* weight, const T* grad_out, const T* x, T* grad_x,
                               double* partials, int64_t item, Scratch<T>& s) {
   const Task t = task_of(g, item);
@@ -160,22 +149,15 @@ DWC_INLINE void backward_task(const Geometry& g, const T* weight, const T* grad_
   load_frame(g, x + offset, t, s.frame.data());
   T taps[K * K] = {};
   std::copy(weight + t.c * K * K, weight + (t.c + 1) * K * K, taps);
-  double wide[kLanes] = {};
-  // grad_out's own rows sit `reach` rows and columns into the frame.
-  const T* grad_rows = s.grad_frame.data() + g.reach * ld + g.reach;
-  for (int64_t y = t.y0; y < t.y1; ++y) {
+  for (int64_t y = t.y0; y < t.y1; ++y)
     conv_row<K, true>(s.grad_frame.data() + (y - t.y0) * ld, ld, dilation, taps, T(0), g.width,
                       grad_x + offset + y * g.width);
-    T lanes[kLanes] = {};
-    row_sum(grad_rows + (y - t.y0) * ld, g.width, lanes);
-    for (int64_t l = 0; l < kLanes; ++l) wide[l] += lanes[l];
-  }
+  // grad_out's own rows sit `reach` rows and columns into the frame.
+  const T* grad_rows = s.grad_frame.data() + g.reach * ld + g.reach;
   double* partial = partials + (t.b * g.bands + t.band) * g.partial_row() + t.c * (K * K + 1);
   std::fill(partial, partial + K * K, 0.0);
-  correlate_window<K, OnePass>(grad_rows, ld, s.frame.data(), ld, dilation, t.y1 - t.y0, g.width, partial);
-  double sum = 0;
-  for (int64_t l = 0; l < kLanes; ++l) sum += wide[l];
-  partial[K * K] = sum;
+  correlate_window<K, Block>(grad_rows, ld, s.frame.data(), ld, dilation, t.y1 - t.y0, g.width, partial);
+  partial[K * K] = patch_sum(grad_rows, ld, t.y1 - t.y0, g.width);
 }
 
 #ifdef SA_HAS_ISA_CLONES
@@ -370,7 +352,7 @@ void forward_tasks_portable(const Geometry& g, const T* w, const T* bias, const 
 template <int K, typename T>
 void backward_tasks_portable(const Geometry& g, const T* w, const T* grad_out, const T* x, T* grad_x,
                              double* partials, int64_t begin, int64_t end, Scratch<T>& s) {
-  for (int64_t item = begin; item < end; ++item) backward_task<K, false>(g, w, grad_out, x, grad_x, partials, item, s);
+  for (int64_t item = begin; item < end; ++item) backward_task<K, kBlockPortable>(g, w, grad_out, x, grad_x, partials, item, s);
 }
 
 #ifdef SA_HAS_ISA_CLONES
@@ -382,12 +364,12 @@ SA_TARGET_AVX2 void forward_tasks_avx2(const Geometry& g, const T* w, const T* b
 template <int K, typename T>
 SA_TARGET_AVX2 void backward_tasks_avx2(const Geometry& g, const T* w, const T* grad_out, const T* x, T* grad_x,
                                         double* partials, int64_t begin, int64_t end, Scratch<T>& s) {
-  for (int64_t item = begin; item < end; ++item) backward_task<K, false>(g, w, grad_out, x, grad_x, partials, item, s);
+  for (int64_t item = begin; item < end; ++item) backward_task<K, kBlockAvx2>(g, w, grad_out, x, grad_x, partials, item, s);
 }
 template <int K, typename T>
 SA_TARGET_AVX512 void backward_tasks_avx512(const Geometry& g, const T* w, const T* grad_out, const T* x,
                                             T* grad_x, double* partials, int64_t begin, int64_t end, Scratch<T>& s) {
-  for (int64_t item = begin; item < end; ++item) backward_task<K, true>(g, w, grad_out, x, grad_x, partials, item, s);
+  for (int64_t item = begin; item < end; ++item) backward_task<K, kBlockAvx512>(g, w, grad_out, x, grad_x, partials, item, s);
 }
 #endif
 

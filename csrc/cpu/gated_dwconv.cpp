@@ -43,7 +43,6 @@ constexpr int64_t kTileW = 128;
 constexpr int64_t kHalo = 2;  // the backward's dz on the tile widened by 1, from x widened by 2
 constexpr int64_t kLd = kTileW + 2 * kHalo;
 constexpr int64_t kFrame = (kTileH + 2 * kHalo) * kLd;
-constexpr int64_t kLanes = 32;  // running sums of a tile sum: four independent AVX2 chains
 
 struct Span {
   int64_t begin, end;
@@ -92,10 +91,19 @@ struct Params {
   T bias_of(int64_t c) const { return bias ? bias[c] : T(0); }
 };
 
-// Copies an image plane into a zeroed frame over the given spans (already clipped to the image).
+// Zeroes the part of a frame that a tile uses: the tile widened by kHalo on each side. (Not the
+// whole frame: on small images, such as Restormer's 16² and 32² levels, that would be most of
+// the work.)
+template <typename T>
+GDW_INLINE void clear_frame(const Tile& tile, T* frame) {
+  const int64_t rows = tile.i1 - tile.i0 + 2 * kHalo, cols = tile.j1 - tile.j0 + 2 * kHalo;
+  for (int64_t i = 0; i < rows; ++i) std::fill(frame + i * kLd, frame + i * kLd + cols, T(0));
+}
+
+// Copies an image plane into a cleared frame over the given spans (already clipped to the image).
 template <typename T>
 GDW_INLINE void load_plane(const T* plane, int64_t width, const Tile& tile, Span rows, Span cols, T* frame) {
-  std::fill(frame, frame + kFrame, T(0));
+  clear_frame(tile, frame);
   for (int64_t i = rows.begin; i < rows.end; ++i) {
     const T* src = plane + (tile.top() + i) * width + tile.left();
     std::copy(src + cols.begin, src + cols.end, frame + i * kLd + cols.begin);
@@ -159,32 +167,19 @@ GDW_INLINE void forward_task(const Geometry& g, const Params<T>& p, const T* x, 
   }
 }
 
-// The sum of a over the tile's pixels, in a fixed order: kLanes running sums per row, added into
-// double lanes after each row.
+// The sum of a over the tile's pixels, in a fixed order (cpu/patch_sum.h).
 template <typename T>
-GDW_INLINE double tile_sum(const T* __restrict a, const Tile& tile) {
-  const int64_t n = tile.j1 - tile.j0, n_full = n / kLanes * kLanes;
-  double wide[kLanes] = {};
-  for (int64_t i = kHalo; i < kHalo + tile.i1 - tile.i0; ++i) {
-    const T* __restrict ar = a + i * kLd + kHalo;
-    T lanes[kLanes] = {};
-    for (int64_t j = 0; j < n_full; j += kLanes)
-      for (int64_t l = 0; l < kLanes; ++l) lanes[l] += ar[j + l];
-    for (int64_t j = n_full; j < n; ++j) lanes[j - n_full] += ar[j];
-    for (int64_t l = 0; l < kLanes; ++l) wide[l] += lanes[l];
-  }
-  double sum = 0;
-  for (int64_t l = 0; l < kLanes; ++l) sum += wide[l];
-  return sum;
+GDW_INLINE double tile_sum(const T* a, const Tile& tile) {
+  return patch_sum(a + kHalo * kLd + kHalo, kLd, tile.i1 - tile.i0, tile.j1 - tile.j0);
 }
 
 // One channel's weight and bias partials and its dx over the tile, from its dz and x frames.
-template <bool OnePass, typename T>
+template <int64_t Block, typename T>
 GDW_INLINE void backward_channel(const T* dz, const T* x, const T* taps_in, const Tile& tile, int64_t width,
                                  double* weight_partial, double* bias_partial, T* grad_x_plane) {
   std::fill(weight_partial, weight_partial + 9, 0.0);
   const int64_t origin = kHalo * kLd + kHalo;  // the tile's first pixel in the frames
-  correlate_window<3, OnePass>(dz + origin, kLd, x + origin - kLd - 1, kLd, 1, tile.i1 - tile.i0, tile.j1 - tile.j0,
+  correlate_window<3, Block>(dz + origin, kLd, x + origin - kLd - 1, kLd, 1, tile.i1 - tile.i0, tile.j1 - tile.j0,
                                weight_partial);
   *bias_partial = tile_sum(dz, tile);
   T taps[9];
@@ -197,7 +192,7 @@ GDW_INLINE void backward_channel(const T* dz, const T* x, const T* taps_in, cons
 }
 
 // One (batch, group, tile) of the backward.
-template <int Act, bool OnePass, typename T>
+template <int Act, int64_t Block, typename T>
 GDW_INLINE void backward_task(const Geometry& g, const Params<T>& p, const GradLayout& layout, const T* grad_out,
                               const T* x, T* grad_x, double* partials, int64_t item, Scratch<T>& s) {
   const int64_t t = item % g.tiles(), grp = (item / g.tiles()) % g.hidden, b = item / (g.tiles() * g.hidden);
@@ -212,9 +207,9 @@ GDW_INLINE void backward_task(const Geometry& g, const Params<T>& p, const GradL
   std::copy(p.weight + ca * 9, p.weight + ca * 9 + 9, taps_a);
   std::copy(p.weight + cb * 9, p.weight + cb * 9 + 9, taps_b);
   const T bias_a = p.bias_of(ca), bias_b = p.bias_of(cb), slope = p.slope;
-  std::fill(s.dz_a.begin(), s.dz_a.end(), T(0));
-  std::fill(s.dz_b.begin(), s.dz_b.end(), T(0));
-  if (Act == kPrelu) std::fill(s.slope.begin(), s.slope.end(), T(0));
+  clear_frame(tile, s.dz_a.data());
+  clear_frame(tile, s.dz_b.data());
+  if (Act == kPrelu) clear_frame(tile, s.slope.data());
   const int64_t n = cols1.end - cols1.begin;
   T za[kLd], zb[kLd];
   for (int64_t i = rows1.begin; i < rows1.end; ++i) {
@@ -225,9 +220,9 @@ GDW_INLINE void backward_task(const Geometry& g, const Params<T>& p, const GradL
                        s.slope.data() + row);
   }
   double* partial = partials + (b * g.tiles() + t) * layout.total;
-  backward_channel<OnePass>(s.dz_a.data(), s.a.data(), taps_a, tile, g.width, partial + layout.weight + ca * 9,
+  backward_channel<Block>(s.dz_a.data(), s.a.data(), taps_a, tile, g.width, partial + layout.weight + ca * 9,
                    partial + layout.bias + ca, grad_x + (b * g.channels + ca) * g.plane());
-  backward_channel<OnePass>(s.dz_b.data(), s.b.data(), taps_b, tile, g.width, partial + layout.weight + cb * 9,
+  backward_channel<Block>(s.dz_b.data(), s.b.data(), taps_b, tile, g.width, partial + layout.weight + cb * 9,
                    partial + layout.bias + cb, grad_x + (b * g.channels + cb) * g.plane());
   if (Act == kPrelu) partial[layout.slope + grp] = tile_sum(s.slope.data(), tile);
 }
@@ -243,7 +238,7 @@ void forward_tasks_portable(const Geometry& g, const Params<T>& p, const T* x, T
 template <int Act, typename T>
 void backward_tasks_portable(const Geometry& g, const Params<T>& p, const GradLayout& layout, const T* grad_out,
                              const T* x, T* grad_x, double* partials, int64_t begin, int64_t end, Scratch<T>& s) {
-  for (int64_t item = begin; item < end; ++item) backward_task<Act, false>(g, p, layout, grad_out, x, grad_x, partials, item, s);
+  for (int64_t item = begin; item < end; ++item) backward_task<Act, kBlockPortable>(g, p, layout, grad_out, x, grad_x, partials, item, s);
 }
 
 #ifdef SA_HAS_ISA_CLONES
@@ -261,13 +256,13 @@ template <int Act, typename T>
 SA_TARGET_AVX512 void backward_tasks_avx512(const Geometry& g, const Params<T>& p, const GradLayout& layout,
                                             const T* grad_out, const T* x, T* grad_x, double* partials, int64_t begin,
                                             int64_t end, Scratch<T>& s) {
-  for (int64_t item = begin; item < end; ++item) backward_task<Act, true>(g, p, layout, grad_out, x, grad_x, partials, item, s);
+  for (int64_t item = begin; item < end; ++item) backward_task<Act, kBlockAvx512>(g, p, layout, grad_out, x, grad_x, partials, item, s);
 }
 template <int Act, typename T>
 SA_TARGET_AVX2 void backward_tasks_avx2(const Geometry& g, const Params<T>& p, const GradLayout& layout,
                                         const T* grad_out, const T* x, T* grad_x, double* partials, int64_t begin,
                                         int64_t end, Scratch<T>& s) {
-  for (int64_t item = begin; item < end; ++item) backward_task<Act, false>(g, p, layout, grad_out, x, grad_x, partials, item, s);
+  for (int64_t item = begin; item < end; ++item) backward_task<Act, kBlockAvx2>(g, p, layout, grad_out, x, grad_x, partials, item, s);
 }
 #endif
 

@@ -208,33 +208,19 @@ MSDW_INLINE void masked_grad(const T* grad_plane, const T* out_plane, int64_t wi
   }
 }
 
-constexpr int64_t kLanes = 32;  // running sums of tile_sum: four independent AVX2 chains
-
 // dst[t] += sum over the tile's pixels p of a[p] * b[p + t - r]: a weight gradient's partial
 // (dst starts at zero: the partials are zeroed, and only this task writes these taps).
-template <int K, bool OnePass, typename T>
+template <int K, int64_t Block, typename T>
 MSDW_INLINE void correlate(const T* a, const T* b, const Tile& tile, double* dst) {
   constexpr int64_t r = K / 2;
   const int64_t origin = kHalo * kLd + kHalo;  // the tile's first pixel in the frames
-  correlate_window<K, OnePass>(a + origin, kLd, b + origin - r * kLd - r, kLd, 1, tile.i1 - tile.i0, tile.j1 - tile.j0, dst);
+  correlate_window<K, Block>(a + origin, kLd, b + origin - r * kLd - r, kLd, 1, tile.i1 - tile.i0, tile.j1 - tile.j0, dst);
 }
 
-// The sum of `a` over the tile's pixels (a bias gradient's partial), in the same fixed order.
+// The sum of `a` over the tile's pixels (a bias gradient's partial), in a fixed order (cpu/patch_sum.h).
 template <typename T>
-MSDW_INLINE double tile_sum(const T* __restrict a, const Tile& tile) {
-  const int64_t n = tile.j1 - tile.j0, n_full = n / kLanes * kLanes;
-  double wide[kLanes] = {};
-  for (int64_t i = kHalo; i < kHalo + tile.i1 - tile.i0; ++i) {
-    const T* __restrict ar = a + i * kLd + kHalo;
-    T lanes[kLanes] = {};
-    for (int64_t j = 0; j < n_full; j += kLanes)
-      for (int64_t l = 0; l < kLanes; ++l) lanes[l] += ar[j + l];
-    for (int64_t j = n_full; j < n; ++j) lanes[j - n_full] += ar[j];
-    for (int64_t l = 0; l < kLanes; ++l) wide[l] += lanes[l];
-  }
-  double sum = 0;
-  for (int64_t l = 0; l < kLanes; ++l) sum += wide[l];
-  return sum;
+MSDW_INLINE double tile_sum(const T* a, const Tile& tile) {
+  return patch_sum(a + kHalo * kLd + kHalo, kLd, tile.i1 - tile.i0, tile.j1 - tile.j0);
 }
 
 // dy = (y > 0) * conv_transpose_KxK(dz) over the spans; zero elsewhere.
@@ -276,7 +262,7 @@ struct BackwardScratch {
 
 // The gradient through one first-stage map of the task's input channel; adds its part of dx
 // into s.dx and writes its weight and bias partials into `partial` (this task's row).
-template <int K1, int K2, bool OnePass, typename T>
+template <int K1, int K2, int64_t Block, typename T>
 MSDW_INLINE void backward_map(const Geometry& g, const Params<T>& p, const GradLayout& layout, int kind, int64_t c,
                               const T* grad_out, const T* out, int64_t b, const Tile& tile,
                               BackwardScratch<T>& s, double* partial) {
@@ -291,21 +277,21 @@ MSDW_INLINE void backward_map(const Geometry& g, const Params<T>& p, const GradL
 
   const int64_t g2 = o < g.hidden ? o : o - g.hidden;
   const int64_t w2_offset = (o < g.hidden ? layout.w3_1 : layout.w5_1) + (g2 * 2 + reader.slot) * K2 * K2;
-  correlate<K2, OnePass>(s.dz.data(), s.y.data(), tile, partial + w2_offset);
+  correlate<K2, Block>(s.dz.data(), s.y.data(), tile, partial + w2_offset);
   if (reader.slot == 0) {  // the slot-0 task owns the output channel's bias
     partial[(o < g.hidden ? layout.b3_1 : layout.b5_1) + g2] = tile_sum(s.dz.data(), tile);
   }
 
   back_through_stage_two<K2>(s.dz.data(), s.y.data(), p.stage_two_taps(o, reader.slot, g.hidden),
                              tile.rows(r1, g.height), tile.cols(r1, g.width), s.dy.data());
-  correlate<K1, OnePass>(s.dy.data(), s.x.data(), tile, partial + (kind == kKind3 ? layout.w3 : layout.w5) + c * K1 * K1);
+  correlate<K1, Block>(s.dy.data(), s.x.data(), tile, partial + (kind == kKind3 ? layout.w3 : layout.w5) + c * K1 * K1);
   partial[(kind == kKind3 ? layout.b3 : layout.b5) + c] = tile_sum(s.dy.data(), tile);
 
   back_through_stage_one<K1>(s.dy.data(), p.stage_one_taps(kind, c), tile, s.dx.data());
 }
 
 // One (batch, input channel, tile) of the backward.
-template <bool OnePass, typename T>
+template <int64_t Block, typename T>
 MSDW_INLINE void backward_task(const Geometry& g, const Params<T>& p, const GradLayout& layout, const T* grad_out,
                                const T* x, const T* out, T* grad_x, double* partials, int64_t item,
                                BackwardScratch<T>& s) {
@@ -318,10 +304,10 @@ MSDW_INLINE void backward_task(const Geometry& g, const Params<T>& p, const Grad
   for (int kind : {kKind3, kKind5}) {
     const int k2 = stage_two_kernel_size(consumer_of(kind, static_cast<int>(c), static_cast<int>(g.hidden)).out_channel,
                                          static_cast<int>(g.hidden));
-    if (kind == kKind3 && k2 == 3) backward_map<3, 3, OnePass>(g, p, layout, kind, c, grad_out, out, b, tile, s, partial);
-    else if (kind == kKind3) backward_map<3, 5, OnePass>(g, p, layout, kind, c, grad_out, out, b, tile, s, partial);
-    else if (k2 == 3) backward_map<5, 3, OnePass>(g, p, layout, kind, c, grad_out, out, b, tile, s, partial);
-    else backward_map<5, 5, OnePass>(g, p, layout, kind, c, grad_out, out, b, tile, s, partial);
+    if (kind == kKind3 && k2 == 3) backward_map<3, 3, Block>(g, p, layout, kind, c, grad_out, out, b, tile, s, partial);
+    else if (kind == kKind3) backward_map<3, 5, Block>(g, p, layout, kind, c, grad_out, out, b, tile, s, partial);
+    else if (k2 == 3) backward_map<5, 3, Block>(g, p, layout, kind, c, grad_out, out, b, tile, s, partial);
+    else backward_map<5, 5, Block>(g, p, layout, kind, c, grad_out, out, b, tile, s, partial);
   }
   T* dst = grad_x + x_plane;
   for (int64_t i = tile.i0; i < tile.i1; ++i)
@@ -341,7 +327,7 @@ template <typename T>
 void backward_task_portable(const Geometry& g, const Params<T>& p, const GradLayout& layout, const T* grad_out,
                             const T* x, const T* out, T* grad_x, double* partials, int64_t item,
                             BackwardScratch<T>& s) {
-  backward_task<false>(g, p, layout, grad_out, x, out, grad_x, partials, item, s);
+  backward_task<kBlockPortable>(g, p, layout, grad_out, x, out, grad_x, partials, item, s);
 }
 
 #ifdef SA_HAS_ISA_CLONES
@@ -359,13 +345,13 @@ template <typename T>
 SA_TARGET_AVX512 void backward_task_avx512(const Geometry& g, const Params<T>& p, const GradLayout& layout,
                                            const T* grad_out, const T* x, const T* out, T* grad_x, double* partials,
                                            int64_t item, BackwardScratch<T>& s) {
-  backward_task<true>(g, p, layout, grad_out, x, out, grad_x, partials, item, s);
+  backward_task<kBlockAvx512>(g, p, layout, grad_out, x, out, grad_x, partials, item, s);
 }
 template <typename T>
 SA_TARGET_AVX2 void backward_task_avx2(const Geometry& g, const Params<T>& p, const GradLayout& layout,
                                        const T* grad_out, const T* x, const T* out, T* grad_x, double* partials,
                                        int64_t item, BackwardScratch<T>& s) {
-  backward_task<false>(g, p, layout, grad_out, x, out, grad_x, partials, item, s);
+  backward_task<kBlockAvx2>(g, p, layout, grad_out, x, out, grad_x, partials, item, s);
 }
 #endif
 
