@@ -4,7 +4,9 @@
 // target attributes below: portable (the build's baseline, SSE2 on x86-64), AVX2+FMA and
 // AVX-512, and each call takes the widest one the CPU has. The clones run the same arithmetic
 // in the same order (no fast-math, so the compiler may not reassociate a sum), so the AVX2 and
-// AVX-512 clones give the same bits; the portable one rounds a*b+c twice where they fuse it.
+// AVX-512 clones give the same bits; the portable one rounds a*b+c twice where they fuse it. The
+// exception: the depthwise weight gradients, summed in blocks of one vector register of the clone
+// (cpu/window_correlation.h).
 // The environment variable SPARSE_ATTN_CPU_ISA (portable, avx2 or avx512) caps the choice; the
 // tests use it to run every clone.
 #pragma once
