@@ -352,7 +352,8 @@ void forward_tasks_portable(const Geometry& g, const T* w, const T* bias, const 
 template <int K, typename T>
 void backward_tasks_portable(const Geometry& g, const T* w, const T* grad_out, const T* x, T* grad_x,
                              double* partials, int64_t begin, int64_t end, Scratch<T>& s) {
-  for (int64_t item = begin; item < end; ++item) backward_task<K, kBlockPortable>(g, w, grad_out, x, grad_x, partials, item, s);
+  for (int64_t item = begin; item < end; ++item)
+    backward_task<K, kBlockPortable>(g, w, grad_out, x, grad_x, partials, item, s);
 }
 
 #ifdef SA_HAS_ISA_CLONES
@@ -364,12 +365,14 @@ SA_TARGET_AVX2 void forward_tasks_avx2(const Geometry& g, const T* w, const T* b
 template <int K, typename T>
 SA_TARGET_AVX2 void backward_tasks_avx2(const Geometry& g, const T* w, const T* grad_out, const T* x, T* grad_x,
                                         double* partials, int64_t begin, int64_t end, Scratch<T>& s) {
-  for (int64_t item = begin; item < end; ++item) backward_task<K, kBlockAvx2>(g, w, grad_out, x, grad_x, partials, item, s);
+  for (int64_t item = begin; item < end; ++item)
+    backward_task<K, kBlockAvx2>(g, w, grad_out, x, grad_x, partials, item, s);
 }
 template <int K, typename T>
 SA_TARGET_AVX512 void backward_tasks_avx512(const Geometry& g, const T* w, const T* grad_out, const T* x,
                                             T* grad_x, double* partials, int64_t begin, int64_t end, Scratch<T>& s) {
-  for (int64_t item = begin; item < end; ++item) backward_task<K, kBlockAvx512>(g, w, grad_out, x, grad_x, partials, item, s);
+  for (int64_t item = begin; item < end; ++item)
+    backward_task<K, kBlockAvx512>(g, w, grad_out, x, grad_x, partials, item, s);
 }
 #endif
 

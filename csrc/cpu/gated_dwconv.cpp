@@ -181,7 +181,7 @@ GDW_INLINE void backward_channel(const T* dz, const T* x, const T* taps_in, cons
   std::fill(weight_partial, weight_partial + 9, 0.0);
   const int64_t origin = kHalo * kLd + kHalo;  // the tile's first pixel in the frames
   correlate_window<3, Block>(dz + origin, kLd, x + origin - kLd - 1, kLd, 1, tile.i1 - tile.i0, tile.j1 - tile.j0,
-                               weight_partial);
+                             weight_partial);
   *bias_partial = tile_sum(dz, tile);
   T taps[9];
   std::copy(taps_in, taps_in + 9, taps);
@@ -222,9 +222,9 @@ GDW_INLINE void backward_task(const Geometry& g, const Params<T>& p, const GradL
   }
   double* partial = partials + (b * g.tiles() + t) * layout.total;
   backward_channel<Block>(s.dz_a.data(), s.a.data(), taps_a, tile, g.width, partial + layout.weight + ca * 9,
-                   partial + layout.bias + ca, grad_x + (b * g.channels + ca) * g.plane());
+                          partial + layout.bias + ca, grad_x + (b * g.channels + ca) * g.plane());
   backward_channel<Block>(s.dz_b.data(), s.b.data(), taps_b, tile, g.width, partial + layout.weight + cb * 9,
-                   partial + layout.bias + cb, grad_x + (b * g.channels + cb) * g.plane());
+                          partial + layout.bias + cb, grad_x + (b * g.channels + cb) * g.plane());
   if (Act == kPrelu) partial[layout.slope + grp] = tile_sum(s.slope.data(), tile);
 }
 
@@ -239,7 +239,8 @@ void forward_tasks_portable(const Geometry& g, const Params<T>& p, const T* x, T
 template <int Act, typename T>
 void backward_tasks_portable(const Geometry& g, const Params<T>& p, const GradLayout& layout, const T* grad_out,
                              const T* x, T* grad_x, double* partials, int64_t begin, int64_t end, Scratch<T>& s) {
-  for (int64_t item = begin; item < end; ++item) backward_task<Act, kBlockPortable>(g, p, layout, grad_out, x, grad_x, partials, item, s);
+  for (int64_t item = begin; item < end; ++item)
+    backward_task<Act, kBlockPortable>(g, p, layout, grad_out, x, grad_x, partials, item, s);
 }
 
 #ifdef SA_HAS_ISA_CLONES
@@ -257,13 +258,15 @@ template <int Act, typename T>
 SA_TARGET_AVX512 void backward_tasks_avx512(const Geometry& g, const Params<T>& p, const GradLayout& layout,
                                             const T* grad_out, const T* x, T* grad_x, double* partials, int64_t begin,
                                             int64_t end, Scratch<T>& s) {
-  for (int64_t item = begin; item < end; ++item) backward_task<Act, kBlockAvx512>(g, p, layout, grad_out, x, grad_x, partials, item, s);
+  for (int64_t item = begin; item < end; ++item)
+    backward_task<Act, kBlockAvx512>(g, p, layout, grad_out, x, grad_x, partials, item, s);
 }
 template <int Act, typename T>
 SA_TARGET_AVX2 void backward_tasks_avx2(const Geometry& g, const Params<T>& p, const GradLayout& layout,
                                         const T* grad_out, const T* x, T* grad_x, double* partials, int64_t begin,
                                         int64_t end, Scratch<T>& s) {
-  for (int64_t item = begin; item < end; ++item) backward_task<Act, kBlockAvx2>(g, p, layout, grad_out, x, grad_x, partials, item, s);
+  for (int64_t item = begin; item < end; ++item)
+    backward_task<Act, kBlockAvx2>(g, p, layout, grad_out, x, grad_x, partials, item, s);
 }
 #endif
 
