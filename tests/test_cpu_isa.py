@@ -40,17 +40,20 @@ def _outputs_and_grads():
     for dtype in (torch.float32, torch.float64):
         x, w, b = randn(2, 6, 37, 41, dtype=dtype), randn(6, dtype=dtype), randn(6, dtype=dtype)
         record(f"layer_norm2d {dtype}", sparse_attn.layer_norm2d(x, w, b, backend="native"), (x, w, b))
-        for act in ("gelu", "relu2", "identity", "prelu"):
-            x, w = randn(2, 8, 37, 41, dtype=dtype), randn(8, 1, 3, 3, dtype=dtype)
+        # 13 columns: narrower than one block of running sums on every clone (cpu/window_correlation.h)
+        for act, width in (("gelu", 41), ("relu2", 41), ("identity", 41), ("prelu", 41), ("gelu", 13)):
+            x, w = randn(2, 8, 37, width, dtype=dtype), randn(8, 1, 3, 3, dtype=dtype)
             slope = randn(1, dtype=dtype) if act == "prelu" else None
             out = sparse_attn.gated_dwconv(x, w, None, act, slope, backend="native")
-            record(f"gated_dwconv {act} {dtype}", out, (x, w) + ((slope,) if slope is not None else ()))
+            record(f"gated_dwconv {act} w{width} {dtype}", out, (x, w) + ((slope,) if slope is not None else ()))
         x = randn(2, 8, 37, 41, dtype=dtype)
         ws = [randn(8, 1, 3, 3, dtype=dtype), randn(8, 1, 5, 5, dtype=dtype), randn(4, 2, 3, 3, dtype=dtype),
               randn(4, 2, 5, 5, dtype=dtype)]
         record(f"mixed_scale_dwconv {dtype}", sparse_attn.mixed_scale_dwconv(x, *ws, backend="native"), [x, *ws])
-        # 75 columns: the AVX-512 float forward's unmasked blocks too (K = 7, dilation 3 reaches 9)
-        for k, dilation, width in ((3, 1, 41), (7, 2, 41), (5, 3, 41), (3, 1, 75), (7, 3, 75)):
+        # 75 columns: the AVX-512 float forward's unmasked blocks too (K = 7, dilation 3 reaches 9);
+        # 16 and 5: rows that fill one AVX-512 block of running sums, and fewer than an AVX2 one
+        for k, dilation, width in ((3, 1, 41), (7, 2, 41), (5, 3, 41), (3, 1, 75), (7, 3, 75), (3, 1, 16),
+                                   (5, 1, 5)):
             x, w, b = randn(2, 5, 37, width, dtype=dtype), randn(5, 1, k, k, dtype=dtype), randn(5, dtype=dtype)
             record(f"depthwise_conv2d {k}x{k} d{dilation} w{width} {dtype}",
                    sparse_attn.depthwise_conv2d(x, w, b, dilation, backend="native"), (x, w, b))
