@@ -104,8 +104,7 @@ def runs_as_products(x, weight, backend="auto"):
     """Whether the 1x1 convolution of ``x`` by ``weight`` runs as matrix products: off the
     ``reference`` backend (as requested: "auto" follows ``use_backend``), on a non-empty map of
     floats in the weight's dtype on a CPU with AVX-512 or an Intel one with AVX2
-    (:data:`PRODUCTS_ON_THIS_CPU`), outside
-    autocast."""
+    (:data:`PRODUCTS_ON_THIS_CPU`), outside autocast."""
     return (PRODUCTS_ON_THIS_CPU and requested(backend) != "reference" and x.device.type == "cpu" and x.dim() == 4
             and x.shape[0] > 0 and x.dtype in (torch.float32, torch.float64) and x.dtype == weight.dtype
             and not torch.is_autocast_enabled("cpu"))
